@@ -1,0 +1,159 @@
+"""Validated configuration objects (pydantic). Unknown keys are errors, so typos surface.
+
+The orchestrator's ``vllm`` section is the job that workers receive; its name follows the
+original tool even though the transformers engine reads it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingConfig(_Strict):
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1)
+    repetition_penalty: float = Field(1.05, gt=0.0)
+    skip_special_tokens: bool = True
+    stop: list[str] = []
+    seed: int | None = None
+
+
+class ImageConfig(_Strict):
+    """How workers shrink images before inference (aspect ratio is kept)."""
+
+    max_side: int = Field(1024, ge=16)
+    max_pixels: int = Field(0, ge=0, description="0: no pixel budget beyond max_side")
+    pixel_limit: int = Field(
+        178_956_970, ge=1, description="decoded images larger than this fail (decompression bombs)"
+    )
+
+
+class StageConfig(_Strict):
+    """One stage of a multi-stage workflow: its prompts fill ``output_field``."""
+
+    name: str
+    model: str | None = None
+    prompts: list[str]
+    output_field: str = "captions"
+    requires: list[str] = []
+    sampling: SamplingConfig | None = None
+
+
+class ModelConfig(_Strict):
+    """The ``vllm`` section: model, prompts and sampling that workers receive."""
+
+    model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    revision: str | None = None
+    batch_size: int = Field(8, ge=1)
+    dtype: str = "auto"
+    max_model_len: int = Field(16384, ge=64)
+    gpu_memory_utilization: float = Field(0.92, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = False
+    limit_mm_per_prompt: dict[str, int] = {"image": 1}
+    disable_mm_preprocessor_cache: bool = False
+    mm_processor_kwargs: dict[str, Any] = {}
+    trust_remote_code: bool = False
+    sampling: SamplingConfig = SamplingConfig()
+    inference_prompts: list[str] = ["describe this image in detail"]
+    output_field: str = "captions"
+    stages: list[StageConfig] = []
+    image: ImageConfig = ImageConfig()
+
+    @field_validator("inference_prompts")
+    @classmethod
+    def _at_least_one_prompt(cls, value: list[str]) -> list[str]:
+        if not value or any(not p.strip() for p in value):
+            raise ValueError("needs at least one non-empty prompt")
+        return value
+
+
+class DatasetConfig(_Strict):
+    type: Literal["local_folder", "webdataset", "huggingface"] = "local_folder"
+    path: str = "./images"
+    name: str | None = None
+    split: str = "train"
+    subset: str | None = None
+    revision: str | None = None
+    image_column: str = "image"
+    url_column: str | None = None
+    id_column: str | None = None
+    image_extensions: list[str] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+
+
+class StorageConfig(_Strict):
+    data_dir: Path = Path("./caption_data")
+    compact_rows: int = Field(50_000, ge=1, description="journal rows that trigger a part file")
+    compact_seconds: float = Field(10.0, gt=0, description="oldest journal row age that does")
+    group_commit_ms: float = Field(5.0, ge=0)
+
+
+class TokenEntry(_Strict):
+    """A token and the contributor it names. ``token`` may be ``sha256:<hex>``."""
+
+    name: str
+    token: str
+
+
+class AuthConfig(_Strict):
+    worker_tokens: list[TokenEntry] = []
+    monitor_tokens: list[TokenEntry] = []
+    admin_tokens: list[TokenEntry] = []
+    dataworker_tokens: list[TokenEntry] = []
+
+
+class TLSConfig(_Strict):
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class OrchestratorConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(8765, ge=0, le=65535)
+    dataset: DatasetConfig = DatasetConfig()
+    vllm: ModelConfig = ModelConfig()
+    storage: StorageConfig = StorageConfig()
+    chunk_size: int = Field(1000, ge=1)
+    chunks_per_request: int = Field(2, ge=1)
+    lease_seconds: float = Field(120.0, gt=0)
+    max_chunk_attempts: int = Field(3, ge=1)
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    status_interval: float = Field(30.0, gt=0)
+    auth: AuthConfig = AuthConfig()
+    ssl: TLSConfig = TLSConfig()
+
+
+class WorkerConfig(_Strict):
+    server: str = "ws://localhost:8765"
+    token: str = ""
+    name: str = "worker"
+    gpu_id: int | None = None
+    batch_size: int | None = Field(None, ge=1)
+    model: str | None = None
+    precision: str | None = None
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    dataset_path: str | None = Field(
+        None, description="where this worker sees the dataset, if not at the orchestrator's path"
+    )
+    prefetch_chunks: int = Field(1, ge=0)
+    decode_threads: int = Field(0, ge=0, description="0: one per core")
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    reconnect_max_seconds: float = Field(30.0, gt=0)
+    verify_ssl: bool = True
+    exit_when_done: bool = False
+
+
+class OrchestratorFile(_Strict):
+    orchestrator: OrchestratorConfig = OrchestratorConfig()
+
+
+class WorkerFile(_Strict):
+    worker: WorkerConfig = WorkerConfig()

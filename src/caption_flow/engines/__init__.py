@@ -1,0 +1,1 @@
+"""Inference engines behind one interface (vLLM, transformers); they know nothing of the network."""

@@ -1,0 +1,84 @@
+"""The engine interface: image + prompt in, generated text out.
+
+An engine adapter (vLLM, transformers) only turns requests into generations. Everything that
+is the same for every engine (prompt templates, stages, empty-output filtering, retry with a
+smaller batch, per-item failures) lives in :mod:`caption_flow.engines.captioner`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+from caption_flow.config.models import SamplingConfig
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything whose change means reloading the model (prompts and sampling do not)."""
+
+    model: str
+    revision: str | None = None
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: int = 16384
+    gpu_memory_utilization: float = 0.92
+    enforce_eager: bool = False
+    limit_mm_per_prompt: tuple[tuple[str, int], ...] = (("image", 1),)
+    disable_mm_preprocessor_cache: bool = False
+    mm_processor_kwargs: tuple[tuple[str, Any], ...] = ()
+    trust_remote_code: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt about one image."""
+
+    image: Image.Image
+    prompt: str
+
+
+@dataclass
+class Generation:
+    """The text generated for one request, and how many tokens it took."""
+
+    text: str
+    tokens: int = 0
+
+
+class Engine(Protocol):
+    """A loaded model. ``generate`` returns one Generation per request, in order.
+
+    It may raise :class:`caption_flow.errors.EngineError` (or run out of memory); the
+    captioner then retries with a smaller batch and finally fails the items.
+    """
+
+    spec: EngineSpec
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingConfig
+    ) -> list[Generation]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class CaptionInput:
+    """An image ready for inference, with the dataset columns prompt templates may use."""
+
+    key: str
+    image: Image.Image
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CaptionOutput:
+    """Per item: one list per output field (one entry per prompt), or an error."""
+
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+    tokens: int = 0

@@ -1,0 +1,1 @@
+"""Image decoding and resizing for workers."""
