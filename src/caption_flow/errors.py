@@ -42,7 +42,7 @@ class SourceError(CaptionFlowError):
 
 
 class ImageError(CaptionFlowError):
-    """An image cannot be decoded (corrupt, truncated, too large); the item fails, not the worker."""
+    """An image cannot be decoded (corrupt, truncated, huge): the item fails, not the worker."""
 
 
 class EngineError(CaptionFlowError):

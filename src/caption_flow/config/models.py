@@ -34,6 +34,11 @@ class ImageConfig(_Strict):
     pixel_limit: int = Field(
         178_956_970, ge=1, description="decoded images larger than this fail (decompression bombs)"
     )
+    decoder: Literal["auto", "pillow"] = Field(
+        "auto",
+        description="auto: simplejpeg (libjpeg-turbo) for JPEGs where installed, else Pillow; "
+        "pillow: Pillow only (its draft mode still shrinks JPEGs while decoding)",
+    )
 
 
 class StageConfig(_Strict):
@@ -87,6 +92,30 @@ class DatasetConfig(_Strict):
     url_column: str | None = None
     id_column: str | None = None
     image_extensions: list[str] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+    columns: list[str] | None = Field(
+        None,
+        description="extra fields given to prompts: column names (huggingface) or sidecar "
+        "extensions such as txt, json (webdataset); None: all text, number and json ones",
+    )
+    storage_options: dict[str, Any] = Field(
+        {}, description="fsspec options for remote shards (s3 credentials, anon, endpoint)"
+    )
+    list_concurrency: int = Field(
+        16, ge=1, description="remote shards indexed at once while the orchestrator lists"
+    )
+    read_ahead_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=64 * 1024,
+        description="most bytes of a tar shard a worker reads in one request ahead of use",
+    )
+    url_timeout: float = Field(20.0, gt=0, description="seconds per attempt at an image URL")
+    url_retries: int = Field(
+        2, ge=0, description="retries after a timeout, 429 or 5xx; other 4xx fail at once"
+    )
+    url_concurrency: int = Field(16, ge=1, description="image URLs downloaded at once")
+    url_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="larger downloads fail the item"
+    )
 
 
 class StorageConfig(_Strict):

@@ -1,0 +1,187 @@
+"""``caption-flow``: one click group, one small function per subcommand."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+
+from caption_flow.cli.configs import dataset_type_for, orchestrator_config, worker_config
+from caption_flow.errors import CaptionFlowError
+
+console = Console(stderr=True)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
+    )
+    logging.getLogger("caption_flow").setLevel(min(level, logging.INFO))
+    for noisy in ("websockets", "transformers", "httpx", "filelock", "vllm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="-v: progress logs, -vv: debug")
+@click.version_option(package_name="caption-flow")
+def cli(verbose: int) -> None:
+    """Caption very large image datasets with vision-language models on many GPUs."""
+    _setup_logging(verbose)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file")
+@click.option("--host", help="address to listen on")
+@click.option("--port", type=int, help="port to listen on (0: any free port)")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="state and output folder")
+def orchestrator(
+    config_path: str | None, host: str | None, port: int | None, data_dir: str | None
+) -> None:
+    """Serve a dataset to workers and store their captions."""
+    from caption_flow.orchestrator.server import Orchestrator
+
+    config = orchestrator_config(
+        config_path, {"host": host, "port": port, "storage.data_dir": data_dir}
+    )
+
+    async def serve() -> None:
+        orch = Orchestrator(config)
+        await orch.start()
+        console.print(f"orchestrator listening on {config.host}:{orch.port}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        console.print("stopping: flushing captions to Parquet")
+        await orch.stop()
+
+    _run(serve())
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file")
+@click.option("--server", help="orchestrator URL, ws://host:port or wss://host:port")
+@click.option("--token", help="worker token")
+@click.option("--name", help="worker name shown in the monitor")
+@click.option("--gpu-id", type=int, help="pin this process to one GPU")
+@click.option("--batch-size", type=int, help="images per engine batch (overrides the job)")
+@click.option("--model", help="model to use instead of the orchestrator's")
+@click.option("--precision", help="dtype: auto, float16, bfloat16, float32")
+@click.option("--engine", type=click.Choice(["auto", "transformers", "vllm"]))
+@click.option("--dataset-path", help="where this host sees the dataset")
+@click.option("--exit-when-done", is_flag=True, default=None, help="stop when nothing is left")
+def worker(config_path: str | None, **flags: Any) -> None:
+    """Caption chunks leased by an orchestrator."""
+    config = worker_config(config_path, flags)
+    if config.gpu_id is not None:
+        # Before anything imports torch or vLLM, so CUDA only ever sees this GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(config.gpu_id)
+    from caption_flow.worker.client import Worker
+
+    async def work() -> None:
+        w = Worker(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, w.stop)
+        await w.run()
+
+    _run(work())
+
+
+def _run_and_report(orch_cfg: Any, worker_cfg: Any) -> None:
+    from caption_flow.cli.progress import ItemsProgress, summary_table
+    from caption_flow.runner import run_local
+    from caption_flow.storage.reader import sample_captions
+
+    with ItemsProgress(console) as bar:
+        summary = _run(run_local(orch_cfg, worker_cfg, progress=bar.update))
+    field = orch_cfg.vllm.output_field
+    samples = sample_captions(Path(summary.output_dir), field=field)
+    Console().print(summary_table(summary, samples))
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file")
+@click.option("--dataset", help="image folder, tar shards or a Hugging Face dataset")
+@click.option("--model", help="model id or local path")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="state and output folder")
+@click.option("--prompt", "prompts", multiple=True, help="a prompt (repeat for several)")
+@click.option("--batch-size", type=int, help="images per engine batch")
+@click.option("--engine", type=click.Choice(["auto", "transformers", "vllm"]), default="auto")
+@click.option("--port", type=int, default=0, help="port for the local orchestrator")
+def run(
+    config_path: str | None,
+    dataset: str | None,
+    model: str | None,
+    data_dir: str | None,
+    prompts: tuple[str, ...],
+    batch_size: int | None,
+    engine: str,
+    port: int,
+) -> None:
+    """Orchestrator plus one local worker: caption a dataset on this machine."""
+    overrides: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "vllm.model": model,
+        "storage.data_dir": data_dir,
+        "vllm.inference_prompts": list(prompts) or None,
+        "vllm.batch_size": batch_size,
+    }
+    if dataset is not None:
+        overrides["dataset.path"] = dataset
+        overrides["dataset.type"] = dataset_type_for(dataset)
+    orch_cfg = orchestrator_config(config_path, overrides)
+    worker_cfg = worker_config(None, {"engine": engine, "name": "local"})
+    _run_and_report(orch_cfg, worker_cfg)
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="caption-flow-demo")
+@click.option("--images", type=int, default=48, help="how many images to generate")
+@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers")
+def demo(workdir: str, images: int, engine: str) -> None:
+    """Caption generated images with a tiny local model: no GPU, no network."""
+    from caption_flow.demo.run_demo import demo_configs
+
+    console.print("[bold]captionflow demo[/]: building a tiny random model and test images")
+    orch_cfg, worker_cfg = demo_configs(Path(workdir), images=images, engine=engine)
+    _run_and_report(orch_cfg, worker_cfg)
+    console.print(
+        "The model is tiny and randomly initialised, so the captions are gibberish. "
+        "With a real model id and a GPU, `caption-flow run --dataset DIR --model ID` "
+        "captions for real."
+    )
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except CaptionFlowError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

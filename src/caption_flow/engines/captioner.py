@@ -1,0 +1,244 @@
+"""What every engine shares: stages, prompt templates, engine caching, retries, failures.
+
+The worker hands a batch of decoded images and the job to :class:`Captioner`; it gets back
+one :class:`CaptionOutput` per item. Item-level problems (an engine error on a batch that
+still fails after a retry in halves) become ``CaptionOutput.error``, never an exception, so
+one bad image cannot stop a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from caption_flow.config.models import ModelConfig, SamplingConfig, StageConfig
+from caption_flow.engines.base import (
+    CaptionInput,
+    CaptionOutput,
+    Engine,
+    EngineSpec,
+    Generation,
+    GenerationRequest,
+)
+from caption_flow.engines.factory import EngineKind, load_engine
+from caption_flow.engines.prompts import render_prompt
+from caption_flow.engines.spec import spec_from_job
+from caption_flow.errors import ConfigError, EngineError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STAGE = "default"
+
+
+def job_stages(job: ModelConfig) -> list[StageConfig]:
+    """The job's stages in dependency order; a job without stages is one stage.
+
+    Raises ConfigError for duplicate names, unknown ``requires`` and cycles: a job like
+    that fails on every item, so it is the job that is wrong, not the items.
+    """
+    if not job.stages:
+        return [
+            StageConfig(
+                name=DEFAULT_STAGE,
+                prompts=list(job.inference_prompts),
+                output_field=job.output_field,
+            )
+        ]
+    by_name: dict[str, StageConfig] = {}
+    for stage in job.stages:
+        if stage.name in by_name:
+            raise ConfigError(f"stage {stage.name!r} is defined twice")
+        if not stage.prompts or any(not p.strip() for p in stage.prompts):
+            raise ConfigError(f"stage {stage.name!r} needs at least one non-empty prompt")
+        by_name[stage.name] = stage
+    for stage in job.stages:
+        unknown = [r for r in stage.requires if r not in by_name]
+        if unknown:
+            raise ConfigError(f"stage {stage.name!r} requires unknown stage(s) {unknown}")
+    ordered: list[StageConfig] = []
+    done: set[str] = set()
+    while len(ordered) < len(job.stages):
+        ready = [s for s in job.stages if s.name not in done and all(r in done for r in s.requires)]
+        if not ready:
+            stuck = sorted(s.name for s in job.stages if s.name not in done)
+            raise ConfigError(f"stages {stuck} require each other (a cycle)")
+        for stage in ready:  # keep the configured order among stages that are ready
+            ordered.append(stage)
+            done.add(stage.name)
+    return ordered
+
+
+@dataclass
+class _ItemState:
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+    tokens: int = 0
+
+
+# One request's result: the generation, or why it failed.
+_Result = Generation | str
+
+
+class Captioner:
+    """Runs jobs on lazily loaded engines, cached by EngineSpec.
+
+    Stages on the same model share one engine; a job whose spec changed (other model,
+    dtype, ...) closes the engines it no longer needs before loading new ones. Changes of
+    prompts or sampling never reload anything.
+    """
+
+    def __init__(
+        self,
+        kind: EngineKind = "auto",
+        *,
+        model_override: str | None = None,
+        precision: str | None = None,
+        device: str = "auto",
+    ) -> None:
+        self.kind: EngineKind = kind
+        self.model_override = model_override
+        self.precision = precision
+        self.device = device
+        self._engines: dict[EngineSpec, Engine] = {}
+
+    @property
+    def engines(self) -> Mapping[EngineSpec, Engine]:
+        """The engines loaded now (read-only view)."""
+        return MappingProxyType(self._engines)
+
+    def stage_spec(self, job: ModelConfig, stage: StageConfig) -> EngineSpec:
+        """The worker's model flag wins over the stage's model, which wins over the job's."""
+        return spec_from_job(
+            job,
+            model=self.model_override or stage.model,
+            precision=self.precision,
+            device=self.device,
+        )
+
+    def model_name(self, job: ModelConfig) -> str:
+        """The model(s) that caption this job, as recorded with the results."""
+        names = [self.stage_spec(job, s).model for s in job_stages(job)]
+        return ",".join(dict.fromkeys(names))
+
+    def caption(self, batch: Sequence[CaptionInput], job: ModelConfig) -> list[CaptionOutput]:
+        """Caption ``batch``: one CaptionOutput per item, in order.
+
+        Raises ConfigError for an invalid stage graph and EngineError when a model cannot
+        be loaded (both concern the whole job, not single items).
+        """
+        stages = job_stages(job)
+        specs = {stage.name: self.stage_spec(job, stage) for stage in stages}
+        self._release_unneeded(set(specs.values()))
+        states = [_ItemState() for _ in batch]
+        for stage in stages:
+            alive = [i for i, s in enumerate(states) if s.error is None]
+            if not alive:
+                break
+            engine = self._engine(specs[stage.name])
+            self._run_stage(engine, stage, stage.sampling or job.sampling, batch, states, alive)
+        return [
+            CaptionOutput(outputs={} if s.error else s.outputs, error=s.error, tokens=s.tokens)
+            for s in states
+        ]
+
+    def _run_stage(
+        self,
+        engine: Engine,
+        stage: StageConfig,
+        sampling: SamplingConfig,
+        batch: Sequence[CaptionInput],
+        states: list[_ItemState],
+        alive: list[int],
+    ) -> None:
+        """All (image, prompt) pairs of the stage go to the engine in one call."""
+        owners: list[int] = []
+        requests: list[GenerationRequest] = []
+        for index in alive:
+            item = batch[index]
+            values = {**item.columns, **states[index].outputs}
+            for template in stage.prompts:
+                owners.append(index)
+                requests.append(GenerationRequest(item.image, render_prompt(template, values)))
+        results = self._generate(engine, requests, sampling)
+        texts: dict[int, list[str]] = {index: [] for index in alive}
+        for index, result in zip(owners, results, strict=True):
+            state = states[index]
+            if isinstance(result, str):
+                if state.error is None:
+                    state.error = f"stage {stage.name}: {result}"
+                continue
+            state.tokens += result.tokens
+            text = result.text.strip()
+            if text:
+                texts[index].append(text)
+        for index in alive:
+            if states[index].error is None:
+                states[index].outputs[stage.output_field] = texts[index]
+
+    def _generate(
+        self, engine: Engine, requests: list[GenerationRequest], sampling: SamplingConfig
+    ) -> list[_Result]:
+        """Generate; after an error retry once in two halves, then fail what still fails."""
+        try:
+            return list(self._checked(engine, requests, sampling))
+        except Exception as exc:  # engines raise EngineError; anything else is recorded too
+            reason = _reason(exc)
+            logger.warning("batch of %d failed (%s); retrying in halves", len(requests), reason)
+        if len(requests) < 2:
+            return [reason]
+        middle = len(requests) // 2
+        results: list[_Result] = []
+        for half in (requests[:middle], requests[middle:]):
+            try:
+                results.extend(self._checked(engine, half, sampling))
+            except Exception as exc:  # as above: the half fails, the rest goes on
+                half_reason = _reason(exc)
+                logger.warning("%d requests failed after retry: %s", len(half), half_reason)
+                results.extend([half_reason] * len(half))
+        return results
+
+    @staticmethod
+    def _checked(
+        engine: Engine, requests: list[GenerationRequest], sampling: SamplingConfig
+    ) -> list[Generation]:
+        generations = engine.generate(requests, sampling)
+        if len(generations) != len(requests):
+            raise EngineError(
+                f"engine returned {len(generations)} generations for {len(requests)} requests"
+            )
+        return generations
+
+    def _engine(self, spec: EngineSpec) -> Engine:
+        engine = self._engines.get(spec)
+        if engine is None:
+            engine = load_engine(self.kind, spec)
+            self._engines[spec] = engine
+        return engine
+
+    def _release_unneeded(self, needed: set[EngineSpec]) -> None:
+        """Close engines this job does not use, before any new one takes their memory."""
+        for spec in [s for s in self._engines if s not in needed]:
+            logger.info("closing engine for %s: the job no longer uses it", spec.model)
+            self._close(self._engines.pop(spec))
+
+    def close(self) -> None:
+        """Close every loaded engine."""
+        while self._engines:
+            _, engine = self._engines.popitem()
+            self._close(engine)
+
+    @staticmethod
+    def _close(engine: Engine) -> None:
+        try:
+            engine.close()
+        except Exception:  # closing must not fail the caller; the leak is logged
+            logger.exception("closing the engine for %s failed", engine.spec.model)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, EngineError):
+        return str(exc)
+    logger.error("engine raised %s instead of EngineError", type(exc).__name__, exc_info=exc)
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,213 @@
+"""The vLLM engine: the GPU worker's fast path behind the same interface as transformers.
+
+vLLM is imported only when an engine is built, never at import time, so the worker can pin
+its GPU (``CUDA_VISIBLE_DEVICES``) before anything initialises CUDA. All requests of a call
+go to one ``LLM.generate`` so vLLM's scheduler batches them; prompts and sampling are per
+call and never reload the model. Every foreign exception becomes :class:`EngineError` here.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from caption_flow.config.models import SamplingConfig
+from caption_flow.engines.base import EngineSpec, Generation, GenerationRequest
+from caption_flow.engines.transformers_engine import _engine_error, _model_location
+from caption_flow.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+#: We only ever send images: other modalities get no memory budget unless the spec asks.
+_UNUSED_MODALITIES = {"video": 0, "audio": 0}
+
+
+def chat_messages(prompt: str) -> list[dict[str, Any]]:
+    """One user turn, image first: the layout VLM chat templates expect, and one that lets
+    several prompts about the same image share its tokens through vLLM's prefix cache."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
+def format_prompt(processor: Any, prompt: str) -> str:
+    """``prompt`` in the model's own chat template (the processor's, else its tokenizer's)."""
+    messages = chat_messages(prompt)
+    if getattr(processor, "chat_template", None):
+        text: str = processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return text
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text
+    raise EngineError("the model has no chat template; captionflow needs one to place the image")
+
+
+def engine_args(spec: EngineSpec) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments: every spec field, so a changed field is a changed model."""
+    args: dict[str, Any] = {
+        "model": _model_location(spec.model),
+        "revision": spec.revision,
+        "dtype": spec.dtype,
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "max_model_len": spec.max_model_len,
+        "gpu_memory_utilization": spec.gpu_memory_utilization,
+        "enforce_eager": spec.enforce_eager,
+        "limit_mm_per_prompt": {**_UNUSED_MODALITIES, **dict(spec.limit_mm_per_prompt)},
+        "mm_processor_kwargs": dict(spec.mm_processor_kwargs) or None,
+        "trust_remote_code": spec.trust_remote_code,
+    }
+    if spec.disable_mm_preprocessor_cache:
+        # vLLM >= 0.11 replaced disable_mm_preprocessor_cache with a cache size; 0 disables it.
+        args["mm_processor_cache_gb"] = 0
+    return args
+
+
+def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
+    """``vllm.SamplingParams`` keyword arguments; temperature 0 is greedy in vLLM too."""
+    return {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+        "repetition_penalty": sampling.repetition_penalty,
+        "skip_special_tokens": sampling.skip_special_tokens,
+        "stop": list(sampling.stop) or None,
+        "seed": sampling.seed,
+    }
+
+
+def _check_device(device: str, platform_device: str) -> None:
+    """vLLM runs on the platform it was built for; a GPU is chosen with CUDA_VISIBLE_DEVICES."""
+    if device not in ("auto", platform_device):
+        raise EngineError(
+            f"vLLM runs on {platform_device!r}, not {device!r}; pick a GPU with "
+            "CUDA_VISIBLE_DEVICES, or use the transformers engine"
+        )
+
+
+def _generation(output: Any) -> Generation:
+    """The first completion; edge whitespace dropped, as vLLM's incremental detokenizer may
+    add a leading space that a whole-sequence decode (transformers) does not."""
+    completion = output.outputs[0]
+    return Generation(text=completion.text.strip(), tokens=len(completion.token_ids))
+
+
+def _abort_unfinished(llm: Any) -> None:
+    """Drop requests a failed call left in the engine, so the next call starts clean."""
+    engine = llm.llm_engine
+    leftover = list(getattr(engine.output_processor, "request_states", {}))
+    if leftover:
+        logger.info("aborting %d requests left by a failed call", len(leftover))
+        engine.abort_request(leftover, internal=True)
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop vLLM's engine core (its processes, distributed state, KV cache)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as exc:  # already dead or half-built: nothing left to free
+        logger.warning("vLLM shutdown: %s: %s", type(exc).__name__, exc)
+
+
+class VLLMEngine:
+    """A model served by ``vllm.LLM`` for offline multimodal generation.
+
+    If vLLM's engine core dies (out of memory in its process, a crash), the call raises
+    :class:`EngineError` and the next call starts a fresh engine with the same spec.
+    """
+
+    def __init__(self, spec: EngineSpec) -> None:
+        from vllm.platforms import current_platform
+
+        _check_device(spec.device, current_platform.device_type)
+        self.spec = spec
+        self._args = engine_args(spec)
+        self._llm: Any = None
+        self._closed = False
+        self._start()
+
+    def _start(self) -> None:
+        from transformers import AutoProcessor
+        from vllm import LLM
+
+        logger.info("starting vLLM for %s", self.spec.model)
+        try:
+            self._processor = AutoProcessor.from_pretrained(
+                self._args["model"],
+                revision=self.spec.revision,
+                trust_remote_code=self.spec.trust_remote_code,
+            )
+            self._llm = LLM(**self._args)
+        except Exception as exc:  # foreign code: anything it raises becomes our error
+            raise _engine_error(f"loading {self.spec.model} with vLLM", exc) from exc
+
+    @property
+    def llm(self) -> Any:
+        """The ``vllm.LLM`` (for inspection, e.g. ``llm.model_config``); starts one if needed."""
+        if self._closed:
+            raise EngineError("engine is closed")
+        if self._llm is None:
+            self._start()
+        return self._llm
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingConfig
+    ) -> list[Generation]:
+        """One Generation per request, in order; raises EngineError for the whole batch."""
+        from vllm import SamplingParams
+
+        llm = self.llm
+        if not requests:
+            return []
+        try:
+            texts = {
+                p: format_prompt(self._processor, p) for p in {r.prompt: None for r in requests}
+            }
+            inputs = [
+                {"prompt": texts[r.prompt], "multi_modal_data": {"image": r.image}}
+                for r in requests
+            ]
+            params = SamplingParams(**sampling_kwargs(sampling))
+            outputs = llm.generate(inputs, params, use_tqdm=False)
+        except EngineError:
+            raise
+        except Exception as exc:  # foreign code: anything it raises becomes our error
+            self._recover(llm, exc)
+            raise _engine_error(f"generating {len(requests)} captions with vLLM", exc) from exc
+        return [_generation(o) for o in outputs]
+
+    def _recover(self, llm: Any, exc: Exception) -> None:
+        """Keep a live engine usable; drop a dead one so the next call restarts it."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError):
+            logger.error("vLLM engine died (%s); restarting on the next call", exc)
+            self._release()
+            return
+        try:
+            _abort_unfinished(llm)
+        except Exception as abort_exc:  # cannot clean up: start over rather than serve junk
+            logger.error("vLLM could not abort requests (%s); restarting", abort_exc)
+            self._release()
+
+    def _release(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        _shutdown(llm)
+        del llm
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Free the engine and its memory (KV cache, weights); generate() then raises."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+        logger.info("closed vLLM engine for %s", self.spec.model)

@@ -1,0 +1,1 @@
+"""The orchestrator: lists the dataset, leases chunks, makes results durable, serves monitors."""

@@ -1,0 +1,97 @@
+"""Everything on one box: an orchestrator and one local worker in one event loop.
+
+Used by ``caption-flow run`` and ``caption-flow demo``. The worker talks to the orchestrator
+over a real websocket on loopback, exactly as a remote worker would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from caption_flow.config.models import OrchestratorConfig, TokenEntry, WorkerConfig
+from caption_flow.orchestrator.server import Orchestrator
+from caption_flow.worker.client import Worker
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunSummary:
+    items_total: int
+    items_done: int
+    items_failed: int
+    chunks: dict[str, int]
+    elapsed_s: float
+    output_dir: str
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def local_configs(
+    orchestrator: OrchestratorConfig, worker: WorkerConfig
+) -> tuple[OrchestratorConfig, WorkerConfig]:
+    """Give the local worker its own token and point it at the orchestrator's address."""
+    token = secrets.token_urlsafe(24)
+    auth = orchestrator.auth.model_copy(
+        update={
+            "worker_tokens": [
+                *orchestrator.auth.worker_tokens,
+                TokenEntry(name="local", token=token),
+            ]
+        }
+    )
+    orchestrator = orchestrator.model_copy(update={"auth": auth})
+    worker = worker.model_copy(update={"token": token, "exit_when_done": True})
+    return orchestrator, worker
+
+
+async def run_local(
+    orchestrator_config: OrchestratorConfig,
+    worker_config: WorkerConfig,
+    progress: Progress | None = None,
+) -> RunSummary:
+    orchestrator_config, worker_config = local_configs(orchestrator_config, worker_config)
+    orchestrator = Orchestrator(orchestrator_config)
+    started = time.monotonic()
+    await orchestrator.start()
+    scheme = "wss" if orchestrator_config.ssl.cert else "ws"
+    host = "127.0.0.1" if orchestrator_config.host in ("0.0.0.0", "") else orchestrator_config.host
+    worker_config = worker_config.model_copy(
+        update={"server": f"{scheme}://{host}:{orchestrator.port}", "verify_ssl": False}
+    )
+    worker = Worker(worker_config)
+    worker_task = asyncio.create_task(worker.run(), name="local-worker")
+    try:
+        while not worker_task.done():
+            if progress is not None:
+                progress(orchestrator.snapshot())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(worker_task), 0.5)
+        await worker_task  # re-raises a worker failure (bad model, unreachable data)
+    finally:
+        if not worker_task.done():
+            worker.stop()
+            await asyncio.gather(worker_task, return_exceptions=True)
+        snapshot = orchestrator.snapshot()
+        if progress is not None:
+            progress(snapshot)
+        await orchestrator.stop()
+    return RunSummary(
+        items_total=snapshot["items_total"],
+        items_done=snapshot["items_done"],
+        items_failed=snapshot["items_failed"],
+        chunks=snapshot["chunks"],
+        elapsed_s=time.monotonic() - started,
+        output_dir=str(orchestrator.store.parts_dir),
+    )

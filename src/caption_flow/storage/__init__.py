@@ -1,0 +1,1 @@
+"""Durable state (SQLite, WAL) and the Parquet caption output. Knows nothing of websockets."""

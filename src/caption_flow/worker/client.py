@@ -1,0 +1,295 @@
+"""The worker's connection to the orchestrator: hello, work requests, results, reconnects.
+
+Chunks, unacknowledged results and the pipeline live across connections; a connection only
+moves messages. After a drop the worker reconnects with exponential back-off, asks to keep
+the chunks it holds, resends every unacknowledged result and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection as WSClient
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from caption_flow.config.models import DatasetConfig, ModelConfig, WorkerConfig
+from caption_flow.engines.captioner import Captioner
+from caption_flow.errors import AuthError, ProtocolError
+from caption_flow.protocol.connection import CLOSE_BAD_TOKEN, ClientConnection
+from caption_flow.protocol.messages import (
+    Ack,
+    Assign,
+    ChunkLease,
+    ConfigUpdate,
+    Heartbeat,
+    Hello,
+    ItemResult,
+    Reject,
+    Request,
+    Welcome,
+    encode,
+)
+from caption_flow.sources import open_source
+from caption_flow.sources.base import Source
+from caption_flow.worker.outbox import Outbox
+from caption_flow.worker.pipeline import ChunkPipeline, EngineClock
+
+log = logging.getLogger(__name__)
+
+FATAL_CLOSE_CODES = {CLOSE_BAD_TOKEN, 4003, 4426}
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, captioner: Captioner | None = None) -> None:
+        self.config = config
+        self.captioner = captioner or Captioner(
+            config.engine, model_override=config.model, precision=config.precision
+        )
+        self.outbox = Outbox()
+        self.queue: asyncio.Queue[ChunkLease] = asyncio.Queue()
+        self.current: ChunkLease | None = None
+        self.abandoned: set[str] = set()
+        self.job: ModelConfig | None = None
+        self.dataset: DatasetConfig | None = None
+        self.source: Source | None = None
+        self.clock = EngineClock()
+        self.session_id: str | None = None
+        self.finished = asyncio.Event()  # the orchestrator has no more work for anyone
+        self.stopped = asyncio.Event()
+        self._ws: WSClient | None = None
+        self._closing: asyncio.Future[None] | None = None
+        self._ready = asyncio.Event()  # a job has been received
+        self._want_work = asyncio.Event()
+        self._want_work.set()
+        threads = config.decode_threads or (os.cpu_count() or 2)
+        self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="captionflow-decode")
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-engine")
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Work until stopped, or until the dataset is finished when ``exit_when_done``."""
+        processing = asyncio.create_task(self._process_loop(), name="worker-pipeline")
+        try:
+            await self._connect_loop()
+        finally:
+            processing.cancel()
+            await asyncio.gather(processing, return_exceptions=True)
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+            self._engine_thread.shutdown(wait=True)
+            self.captioner.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self._ws is not None:
+            self._closing = asyncio.ensure_future(self._ws.close())
+
+    async def _connect_loop(self) -> None:
+        delay = 0.5
+        while not self.stopped.is_set():
+            try:
+                async with connect(
+                    self.config.server,
+                    max_size=None,
+                    compression=None,
+                    ping_interval=20,
+                    ping_timeout=60,
+                    ssl=self._ssl_context(),
+                    open_timeout=10,
+                ) as ws:
+                    self._ws = ws
+                    delay = 0.5
+                    await self._session(ws)
+            except AuthError:
+                raise
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                if code in FATAL_CLOSE_CODES:
+                    reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                    raise AuthError(
+                        f"orchestrator refused this worker ({code}): {reason}"
+                    ) from None
+                log.warning("connection lost (%s); reconnecting", exc)
+            except (OSError, TimeoutError, InvalidHandshake, ProtocolError) as exc:
+                log.warning("cannot reach orchestrator at %s: %s", self.config.server, exc)
+            except InvalidURI as exc:
+                raise ProtocolError(f"bad server URL: {exc}") from None
+            finally:
+                self._ws = None
+            if self._done():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopped.wait(), delay * (0.8 + 0.4 * random.random()))
+            delay = min(delay * 2, self.config.reconnect_max_seconds)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.server.startswith("wss://"):
+            return None
+        context = ssl.create_default_context()
+        if not self.config.verify_ssl:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _done(self) -> bool:
+        return self.stopped.is_set() or (
+            self.config.exit_when_done
+            and self.finished.is_set()
+            and self.current is None
+            and self.queue.empty()
+            and len(self.outbox) == 0
+        )
+
+    # -- one connection ---------------------------------------------------------------------
+    async def _session(self, ws: WSClient) -> None:
+        protocol = ClientConnection()
+        held = self._held_chunks()
+        await ws.send(
+            encode(
+                Hello(
+                    role="worker",
+                    token=self.config.token,
+                    name=self.config.name,
+                    capabilities={"engine": self.config.engine},
+                    held_chunks=held,
+                )
+            )
+        )
+        welcome = protocol.receive(await ws.recv())
+        assert isinstance(welcome, Welcome)
+        self.session_id = welcome.session_id
+        self._apply_job(welcome.config)
+        self._forget_unresumed(set(held) - set(welcome.resumed_chunks))
+        log.info("connected as %s (session %s)", welcome.contributor, welcome.session_id)
+        for message in self.outbox.unacked():
+            await ws.send(encode(message))
+        tasks = [
+            asyncio.create_task(self._heartbeat_loop(ws)),
+            asyncio.create_task(self._request_loop(ws)),
+        ]
+        try:
+            async for frame in ws:
+                self._on_message(protocol.receive(frame))
+                if self._done():
+                    await ws.close()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _on_message(self, message: Any) -> None:
+        if isinstance(message, Ack):
+            self.outbox.settle(message.seq)
+        elif isinstance(message, Reject):
+            settled = self.outbox.settle(message.seq)
+            if settled is not None:
+                log.warning("results for %s rejected: %s", settled.chunk_id, message.reason)
+                self._abandon(settled.chunk_id)
+        elif isinstance(message, Assign):
+            for chunk in message.chunks:
+                self.queue.put_nowait(chunk)
+            if message.finished:
+                self.finished.set()
+            if not message.chunks:
+                asyncio.get_running_loop().call_later(
+                    max(message.retry_after, 0.2), self._want_work.set
+                )
+            else:
+                self._want_work.set()
+        elif isinstance(message, ConfigUpdate):
+            self._apply_job(message.config)
+            log.info("job updated by the orchestrator; applies from the next batch")
+
+    def _apply_job(self, payload: dict[str, Any]) -> None:
+        self.job = ModelConfig.model_validate(payload["vllm"])
+        dataset = DatasetConfig.model_validate(payload["dataset"])
+        if dataset != self.dataset:
+            self.dataset = dataset
+            self.source = open_source(dataset, path_override=self.config.dataset_path)
+        self._ready.set()
+
+    def _held_chunks(self) -> list[str]:
+        held = {c.chunk_id for c in self.queue._queue}  # type: ignore[attr-defined]
+        if self.current is not None:
+            held.add(self.current.chunk_id)
+        held |= self.outbox.chunks()
+        return sorted(held - self.abandoned)
+
+    def _forget_unresumed(self, lost: set[str]) -> None:
+        for chunk_id in lost:
+            self._abandon(chunk_id)
+
+    def _abandon(self, chunk_id: str) -> None:
+        self.abandoned.add(chunk_id)
+        self.outbox.drop_chunk(chunk_id)
+
+    async def _heartbeat_loop(self, ws: WSClient) -> None:
+        started, items = time.monotonic(), self.clock.items
+        while True:
+            await asyncio.sleep(self.config.heartbeat_seconds)
+            elapsed = time.monotonic() - started
+            stats = {
+                "items_per_s": round((self.clock.items - items) / max(elapsed, 1e-6), 3),
+                "engine_busy": round(self.clock.busy_fraction(), 3),
+                "tokens": float(self.clock.tokens),
+                "queued_chunks": float(self.queue.qsize()),
+                "unacked": float(len(self.outbox)),
+            }
+            started, items = time.monotonic(), self.clock.items
+            await ws.send(encode(Heartbeat(stats=stats)))
+
+    async def _request_loop(self, ws: WSClient) -> None:
+        while True:
+            await self._want_work.wait()
+            self._want_work.clear()
+            have = self.queue.qsize() + (1 if self.current is not None else 0)
+            want = 1 + self.config.prefetch_chunks - have
+            if want > 0 and not self.stopped.is_set():
+                await ws.send(encode(Request(count=want)))
+
+    # -- processing -------------------------------------------------------------------------
+    async def _process_loop(self) -> None:
+        await self._ready.wait()
+        while True:
+            chunk = await self.queue.get()
+            self._want_work.set()
+            if chunk.chunk_id in self.abandoned:
+                continue
+            self.current = chunk
+            assert self.source is not None
+            pipeline = ChunkPipeline(
+                self.source, self.captioner, self._decode_pool, self._engine_thread, self.clock
+            )
+            try:
+                await pipeline.run(
+                    chunk,
+                    job=lambda: self._job(),
+                    batch_size=lambda: self.config.batch_size or self._job().batch_size,
+                    emit=self._emit,
+                    abandoned=lambda c=chunk.chunk_id: c in self.abandoned,
+                )
+            finally:
+                self.current = None
+                self._want_work.set()
+            if self._done() and self._ws is not None:
+                await self._ws.close()
+
+    def _job(self) -> ModelConfig:
+        assert self.job is not None
+        return self.job
+
+    async def _emit(self, chunk_id: str, items: list[ItemResult], model: str) -> None:
+        await self.outbox.wait_below()
+        message = self.outbox.add(chunk_id, items, model)
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(encode(message))

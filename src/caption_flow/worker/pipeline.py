@@ -1,0 +1,185 @@
+"""Caption one chunk: read its items, decode them in a pool, run batches through the engine.
+
+Reading and decoding of the next batch overlap with inference on the current one (a bounded
+queue between a producer and the engine). Per-item failures (unreadable, undecodable, engine
+error) become failed results with a reason; they never stop the chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from caption_flow.config.models import ImageConfig, ModelConfig
+from caption_flow.engines.base import CaptionInput
+from caption_flow.engines.captioner import Captioner
+from caption_flow.errors import ImageError
+from caption_flow.images.decode import decode_image
+from caption_flow.protocol.messages import ChunkLease, ItemResult
+from caption_flow.sources.base import Source, SourceItem
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[str, list[ItemResult], str], Awaitable[None]]
+
+
+@dataclass
+class Decoded:
+    item_id: int
+    key: str
+    started: float
+    caption_input: CaptionInput | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class EngineClock:
+    """How much of the wall time the engine spent busy, for heartbeats."""
+
+    busy_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    items: int = 0
+    tokens: int = 0
+
+    def busy_fraction(self) -> float:
+        return self.busy_s / max(time.monotonic() - self.started, 1e-6)
+
+
+def _decode(item: SourceItem, item_id: int, image_config: ImageConfig) -> Decoded:
+    started = time.monotonic()
+    if item.error is not None or item.data is None:
+        return Decoded(item_id, item.key, started, error=item.error or "no image data")
+    try:
+        image, width, height = decode_image(item.data, image_config)
+    except ImageError as exc:
+        return Decoded(item_id, item.key, started, error=str(exc))
+    return Decoded(
+        item_id,
+        item.key,
+        started,
+        caption_input=CaptionInput(key=item.key, image=image, columns=item.columns),
+        width=width,
+        height=height,
+    )
+
+
+class ChunkPipeline:
+    def __init__(
+        self,
+        source: Source,
+        captioner: Captioner,
+        decode_pool: Executor,
+        engine_thread: Executor,
+        clock: EngineClock,
+    ) -> None:
+        self.source = source
+        self.captioner = captioner
+        self.decode_pool = decode_pool
+        self.engine_thread = engine_thread
+        self.clock = clock
+
+    async def run(
+        self,
+        chunk: ChunkLease,
+        job: Callable[[], ModelConfig],
+        batch_size: Callable[[], int],
+        emit: Emit,
+        abandoned: Callable[[], bool],
+    ) -> None:
+        """Caption every item of ``chunk``; ``job`` is read per batch so updates apply."""
+        batches: asyncio.Queue[list[Decoded] | None] = asyncio.Queue(maxsize=2)
+        producer = asyncio.create_task(self._produce(chunk, job, batch_size, batches, abandoned))
+        try:
+            while (batch := await batches.get()) is not None:
+                if abandoned():
+                    break
+                current = job()
+                results = await self._caption(batch, current)
+                await emit(chunk.chunk_id, results, self.captioner.model_name(current))
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+
+    async def _produce(
+        self,
+        chunk: ChunkLease,
+        job: Callable[[], ModelConfig],
+        batch_size: Callable[[], int],
+        out: asyncio.Queue[list[Decoded] | None],
+        abandoned: Callable[[], bool],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        ids = {ref.key: ref.item_id for ref in chunk.items}
+        keys = [ref.key for ref in chunk.items]
+        reader: Iterator[SourceItem] = iter(())
+        try:
+            reader = await loop.run_in_executor(None, self.source.read, chunk.shard, keys)
+            position = 0
+            while position < len(keys) and not abandoned():
+                size = batch_size()
+                raw = await loop.run_in_executor(None, _take, reader, size)
+                if not raw:
+                    break
+                position += len(raw)
+                image_config = job().image
+                decoded = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            self.decode_pool, _decode, item, ids.get(item.key, -1), image_config
+                        )
+                        for item in raw
+                    )
+                )
+                await out.put(list(decoded))
+        except Exception:
+            log.exception("reading chunk %s failed", chunk.chunk_id)
+        finally:
+            close = getattr(reader, "close", None)
+            if close is not None:
+                close()
+            await out.put(None)
+
+    async def _caption(self, batch: Sequence[Decoded], job: ModelConfig) -> list[ItemResult]:
+        ready = [d for d in batch if d.caption_input is not None]
+        outputs = []
+        if ready:
+            inputs = [d.caption_input for d in ready if d.caption_input is not None]
+            t0 = time.monotonic()
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self.engine_thread, self.captioner.caption, inputs, job
+            )
+            self.clock.busy_s += time.monotonic() - t0
+            self.clock.tokens += sum(o.tokens for o in outputs)
+        by_id = {d.item_id: o for d, o in zip(ready, outputs, strict=True)}
+        now = time.monotonic()
+        results = []
+        for d in batch:
+            out = by_id.get(d.item_id)
+            results.append(
+                ItemResult(
+                    item_id=d.item_id,
+                    key=d.key,
+                    outputs=out.outputs if out is not None else {},
+                    error=d.error if out is None else out.error,
+                    width=d.width,
+                    height=d.height,
+                    processing_ms=round((now - d.started) * 1000, 2),
+                )
+            )
+        self.clock.items += len(results)
+        return results
+
+
+def _take(reader: Iterator[SourceItem], count: int) -> list[SourceItem]:
+    items = []
+    for item in reader:
+        items.append(item)
+        if len(items) >= count:
+            break
+    return items
