@@ -183,14 +183,19 @@ class StateDB:
 
     # -- results --------------------------------------------------------------------------
     def commit(self, entries: Sequence[JournalEntry], states: Sequence[ChunkState]) -> None:
-        """Journal rows, done flags, contributor counts and chunk states: one transaction."""
+        """Journal rows, done flags, contributor counts and chunk states: one transaction.
+
+        Rows for items that are already done are dropped here too, so a resend after a lost
+        acknowledgement writes nothing twice even if a caller did not filter it.
+        """
         now = time.time()
-        per_contributor: dict[str, list[int]] = {}
-        for e in entries:
-            counts = per_contributor.setdefault(e.contributor, [0, 0])
-            counts[0] += 1
-            counts[1] += int(e.failed)
         with self._transaction():
+            entries = self._not_done(entries)
+            per_contributor: dict[str, list[int]] = {}
+            for e in entries:
+                counts = per_contributor.setdefault(e.contributor, [0, 0])
+                counts[0] += 1
+                counts[1] += int(e.failed)
             self.conn.executemany(
                 "INSERT OR IGNORE INTO journal(item_id, row) VALUES(?, ?)",
                 ((e.item_id, e.row) for e in entries),
@@ -212,6 +217,26 @@ class StateDB:
                 "items=items+excluded.items, failed=failed+excluded.failed, last_seen=?",
                 ((c, n, f, now, now, now) for c, (n, f) in per_contributor.items()),
             )
+
+    def _not_done(self, entries: Sequence[JournalEntry]) -> list[JournalEntry]:
+        ids = [e.item_id for e in entries]
+        done: set[int] = set()
+        for start in range(0, len(ids), 900):
+            part = ids[start : start + 900]
+            marks = ",".join("?" * len(part))
+            done.update(
+                r[0]
+                for r in self.conn.execute(
+                    f"SELECT item_id FROM items WHERE done=1 AND item_id IN ({marks})", part
+                )
+            )
+        seen: set[int] = set()
+        fresh = []
+        for e in entries:
+            if e.item_id not in done and e.item_id not in seen:
+                seen.add(e.item_id)
+                fresh.append(e)
+        return fresh
 
     def contributors(self) -> list[tuple[str, int, int]]:
         return self.conn.execute(

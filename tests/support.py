@@ -1,0 +1,83 @@
+"""Helpers shared by the network tests: configs, a started orchestrator, reading the output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+
+from caption_flow.config.models import (
+    AuthConfig,
+    DatasetConfig,
+    ModelConfig,
+    OrchestratorConfig,
+    SamplingConfig,
+    StorageConfig,
+    TokenEntry,
+    WorkerConfig,
+)
+
+# One scaled unit for every wait in the tests: a slow machine changes this number only.
+TIME_UNIT = float(os.environ.get("CAPTIONFLOW_TEST_TIME_UNIT", "1.0"))
+
+WORKER_TOKENS = {"alice": "alice-secret", "bob": "bob-secret"}
+ADMIN_TOKEN = "admin-secret"
+MONITOR_TOKEN = "monitor-secret"
+PROMPTS = ["describe this image", "list the colours"]
+
+
+def job(model_dir: Path, prompts: list[str] | None = None, max_tokens: int = 6) -> ModelConfig:
+    return ModelConfig(
+        model=str(model_dir),
+        batch_size=4,
+        max_model_len=512,
+        enforce_eager=True,
+        limit_mm_per_prompt={"image": 1, "video": 0},
+        inference_prompts=prompts or PROMPTS,
+        sampling=SamplingConfig(temperature=0.0, max_tokens=max_tokens, repetition_penalty=1.0),
+    )
+
+
+def orchestrator_config(
+    data_dir: Path, images: Path, model_dir: Path, **overrides: Any
+) -> OrchestratorConfig:
+    base = OrchestratorConfig(
+        host="127.0.0.1",
+        port=0,
+        dataset=DatasetConfig(type="local_folder", path=str(images), name="test"),
+        vllm=job(model_dir),
+        storage=StorageConfig(data_dir=data_dir, compact_seconds=0.5, group_commit_ms=2),
+        chunk_size=5,
+        lease_seconds=30 * TIME_UNIT,
+        status_interval=3600,
+        auth=AuthConfig(
+            worker_tokens=[TokenEntry(name=n, token=t) for n, t in WORKER_TOKENS.items()],
+            admin_tokens=[TokenEntry(name="root", token=ADMIN_TOKEN)],
+            monitor_tokens=[TokenEntry(name="watcher", token=MONITOR_TOKEN)],
+        ),
+    )
+    return base.model_copy(update=overrides)
+
+
+def worker_config(port: int, name: str = "alice", **overrides: Any) -> WorkerConfig:
+    return WorkerConfig(
+        server=f"ws://127.0.0.1:{port}",
+        token=WORKER_TOKENS[name],
+        name=f"worker-{name}",
+        engine="transformers",
+        heartbeat_seconds=1.0,
+        reconnect_max_seconds=1.0,
+        decode_threads=2,
+        exit_when_done=True,
+        **overrides,
+    )
+
+
+def read_rows(data_dir: Path) -> list[dict[str, Any]]:
+    """Every output row in the Parquet parts."""
+    files = sorted(str(p) for p in (data_dir / "captions").glob("part-*.parquet"))
+    if not files:
+        return []
+    return ds.dataset(files, format="parquet").to_table().to_pylist()

@@ -1,0 +1,147 @@
+"""The whole pipeline in one process: a real orchestrator, real workers over websockets on
+127.0.0.1, real inference on the tiny model, real SQLite and Parquet."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from pathlib import Path
+
+import pytest
+
+from caption_flow.orchestrator.server import Orchestrator
+from caption_flow.storage.state import StateDB
+from caption_flow.worker.client import Worker
+
+from support import PROMPTS, TIME_UNIT, orchestrator_config, read_rows, worker_config
+
+pytestmark = pytest.mark.timeout(240)
+
+
+async def run_workers(orch: Orchestrator, names: list[str], **worker_kw: object) -> list[Worker]:
+    workers = [Worker(worker_config(orch.port, name, **worker_kw)) for name in names]
+    await asyncio.wait_for(
+        asyncio.gather(*(w.run() for w in workers)), timeout=180 * TIME_UNIT
+    )
+    return workers
+
+
+async def test_two_workers_caption_every_item_exactly_once(
+    tmp_path: Path, tiny_model_dir: Path, image_folder
+) -> None:
+    images = image_folder(23)
+    config = orchestrator_config(tmp_path / "data", images[0].parent, tiny_model_dir)
+    orch = Orchestrator(config)
+    await orch.start()
+    try:
+        await run_workers(orch, ["alice", "bob"])
+        snapshot = orch.snapshot()
+    finally:
+        await orch.stop()
+
+    rows = read_rows(tmp_path / "data")
+    keys = collections.Counter(r["item_key"] for r in rows)
+    assert set(keys) == {p.name for p in images}
+    assert max(keys.values()) == 1, "no item may have two rows"
+    for row in rows:
+        assert row["error"] is None
+        assert len(row["captions"]) == len(PROMPTS), row
+        assert all(c.strip() for c in row["captions"])
+        assert row["contributor_id"] in {"alice", "bob"}
+        assert row["width"] > 0 and row["height"] > 0
+        assert row["model"] == str(tiny_model_dir)
+    assert snapshot["items_done"] == 23 and snapshot["chunks"]["done"] == 5
+    db = StateDB(tmp_path / "data" / "state.db")
+    assert {c.status for c in db.load_chunks()} == {"done"}
+    assert sum(n for _, n, _ in db.contributors()) == 23
+    db.close()
+
+
+async def test_corrupt_and_empty_images_fail_with_a_reason_and_the_rest_goes_on(
+    tmp_path: Path, tiny_model_dir: Path, image_folder
+) -> None:
+    images = image_folder(8)
+    folder = images[0].parent
+    (folder / "broken.jpg").write_bytes(images[0].read_bytes()[:200])  # truncated JPEG
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "not-an-image.webp").write_bytes(b"this is text, not pixels")
+    config = orchestrator_config(tmp_path / "data", folder, tiny_model_dir, chunk_size=4)
+    orch = Orchestrator(config)
+    await orch.start()
+    try:
+        await run_workers(orch, ["alice"])
+    finally:
+        await orch.stop()
+    rows = {r["item_key"]: r for r in read_rows(tmp_path / "data")}
+    assert len(rows) == 11
+    for bad in ("broken.jpg", "empty.png", "not-an-image.webp"):
+        assert rows[bad]["error"], bad
+        assert rows[bad]["captions"] == []
+    assert "empty" in rows["empty.png"]["error"]
+    good = [r for k, r in rows.items() if k.startswith("img_")]
+    assert len(good) == 8 and all(r["error"] is None and r["captions"] for r in good)
+
+
+async def test_restart_resumes_and_adding_files_keeps_keys(
+    tmp_path: Path, tiny_model_dir: Path, image_folder
+) -> None:
+    images = image_folder(6)
+    folder = images[0].parent
+    config = orchestrator_config(tmp_path / "data", folder, tiny_model_dir, chunk_size=4)
+    orch = Orchestrator(config)
+    await orch.start()
+    try:
+        await run_workers(orch, ["alice"])
+    finally:
+        await orch.stop()
+    first = {r["item_key"]: r["chunk_id"] for r in read_rows(tmp_path / "data")}
+
+    more = image_folder(3, seed=1)  # new files, some sorting before the old ones
+    (folder / "sub").mkdir()
+    (folder / "sub" / "deep.jpg").write_bytes(images[0].read_bytes())
+    orch = Orchestrator(config)
+    await orch.start()
+    try:
+        assert orch.snapshot()["items_done"] == 6
+        await run_workers(orch, ["bob"])
+    finally:
+        await orch.stop()
+    rows = read_rows(tmp_path / "data")
+    by_key = collections.Counter(r["item_key"] for r in rows)
+    assert max(by_key.values()) == 1
+    assert set(by_key) == {p.name for p in images + more} | {"sub/deep.jpg"}
+    for row in rows:
+        if row["item_key"] in first:
+            assert row["chunk_id"] == first[row["item_key"]]
+            assert row["contributor_id"] == "alice"
+        else:
+            assert row["contributor_id"] == "bob"
+
+
+async def test_job_update_reaches_running_workers_without_reload(
+    tmp_path: Path, tiny_model_dir: Path, image_folder
+) -> None:
+    images = image_folder(12)
+    config = orchestrator_config(tmp_path / "data", images[0].parent, tiny_model_dir, chunk_size=2)
+    orch = Orchestrator(config)
+    await orch.start()
+    worker = Worker(worker_config(orch.port, "alice", batch_size=1))
+    task = asyncio.create_task(worker.run())
+    try:
+        while orch.snapshot()["items_done"] < 2:
+            await asyncio.sleep(0.05)
+        engines_before = list(worker.captioner.engines.values())
+        await orch.update_job({"inference_prompts": ["only one prompt now"]})
+        target = orch.snapshot()["items_done"] + 3
+        while orch.snapshot()["items_done"] < target:
+            await asyncio.sleep(0.05)
+        engines_after = list(worker.captioner.engines.values())
+        await asyncio.wait_for(task, 120 * TIME_UNIT)
+    finally:
+        await orch.stop()
+    assert len(engines_before) == 1
+    assert engines_after[0] is engines_before[0], "a prompt change must not reload the model"
+    rows = read_rows(tmp_path / "data")
+    per_row = collections.Counter(len(r["captions"]) for r in rows)
+    assert per_row[2] >= 2 and per_row[1] >= 1, per_row
+    assert sum(per_row.values()) == 12
