@@ -1,1 +1,1 @@
-"""Offline demo assets: a tiny random vision-language model and synthetic images for tests and demos."""
+"""Offline demo assets: a tiny random vision-language model and synthetic images."""

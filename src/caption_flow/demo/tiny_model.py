@@ -33,63 +33,15 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
     "<unk>",
 ]
+# fmt: off
 WORDS = [
-    "system",
-    "user",
-    "assistant",
-    "a",
-    "an",
-    "the",
-    "this",
-    "that",
-    "is",
-    "are",
-    "of",
-    "in",
-    "on",
-    "with",
-    "and",
-    "image",
-    "photo",
-    "picture",
-    "shows",
-    "describe",
-    "detail",
-    "details",
-    "alt",
-    "text",
-    "tags",
-    "caption",
-    "short",
-    "long",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "white",
-    "black",
-    "orange",
-    "purple",
-    "dog",
-    "cat",
-    "tree",
-    "house",
-    "car",
-    "sky",
-    "water",
-    "person",
-    "square",
-    "circle",
-    "background",
-    "colour",
-    "bright",
-    "dark",
-    "small",
-    "large",
-    ".",
-    ",",
-    ":",
+    "system", "user", "assistant", "a", "an", "the", "this", "that", "is", "are", "of", "in",
+    "on", "with", "and", "image", "photo", "picture", "shows", "describe", "detail", "details",
+    "alt", "text", "tags", "caption", "short", "long", "red", "green", "blue", "yellow", "white",
+    "black", "orange", "purple", "dog", "cat", "tree", "house", "car", "sky", "water", "person",
+    "square", "circle", "background", "colour", "bright", "dark", "small", "large", ".", ",", ":",
 ]
+# fmt: on
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -227,6 +179,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     try:
         _build_into(staging, seed)
         for item in staging.iterdir():
+            item.chmod(0o644)  # some writers create 0600 files; the model is meant to be shared
             os.replace(item, path / item.name)
         marker = {"version": _RECIPE_VERSION, "seed": seed, "architecture": "Qwen2-VL"}
         tmp_marker = path / f"{MARKER}.{os.getpid()}.tmp"

@@ -42,7 +42,7 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
-def _model_location(model: str) -> str:
+def model_location(model: str) -> str:
     """A local folder as an absolute path; anything else is a hub id for from_pretrained.
 
     A name written as a path that does not exist fails here, instead of being looked up on
@@ -56,7 +56,8 @@ def _model_location(model: str) -> str:
     return model
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, a MemoryError, or a RuntimeError from a failed allocation."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()
@@ -65,10 +66,16 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _engine_error(action: str, exc: BaseException) -> EngineError:
-    if _is_out_of_memory(exc):
+def engine_error(action: str, exc: BaseException) -> EngineError:
+    """``exc`` from torch or transformers as our EngineError, saying when memory ran out."""
+    if is_out_of_memory(exc):
         return EngineError(f"out of memory while {action}: {exc}")
     return EngineError(f"{action} failed: {type(exc).__name__}: {exc}")
+
+
+# The vLLM engine imported these under their first, private names.
+_model_location = model_location
+_engine_error = engine_error
 
 
 class _StopStrings(StoppingCriteria):
@@ -110,7 +117,7 @@ class TransformersEngine:
         self.spec = spec
         self.device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, self.device)
-        location = _model_location(spec.model)
+        location = model_location(spec.model)
         common: dict[str, Any] = {
             "revision": spec.revision,
             "trust_remote_code": spec.trust_remote_code,
@@ -120,12 +127,14 @@ class TransformersEngine:
             self.processor = AutoProcessor.from_pretrained(
                 location, **common, **dict(spec.mm_processor_kwargs)
             )
-            model = AutoModelForImageTextToText.from_pretrained(location, dtype=dtype, **common)
+            model: Any = AutoModelForImageTextToText.from_pretrained(
+                location, dtype=dtype, **common
+            )
             self.model: Any = model.to(self.device).eval()
         except EngineError:
             raise
         except Exception as exc:  # foreign code: anything it raises becomes our error
-            raise _engine_error(f"loading {spec.model}", exc) from exc
+            raise engine_error(f"loading {spec.model}", exc) from exc
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -209,9 +218,9 @@ class TransformersEngine:
                 output = self.model.generate(**inputs, **kwargs)
             generated = output[:, prompt_length:].tolist()
         except Exception as exc:  # foreign code: anything it raises becomes our error
-            if self.device.startswith("cuda") and _is_out_of_memory(exc):
+            if self.device.startswith("cuda") and is_out_of_memory(exc):
                 torch.cuda.empty_cache()
-            raise _engine_error(f"generating {len(requests)} captions", exc) from exc
+            raise engine_error(f"generating {len(requests)} captions", exc) from exc
         limits = stopper.stopped_after if stopper else {}
         return [
             self._decode(tokens[: limits.get(row, len(tokens))], sampling)

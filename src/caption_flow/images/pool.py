@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
@@ -24,10 +26,19 @@ from caption_flow.images.decode import decode_image
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (affinity mask where the OS has one)."""
+    """Cores this process may use: the affinity mask, capped by a cgroup v2 CPU quota (a
+    container limited to 4 CPUs on a 64-core host should start 4 threads, not 64)."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,9 @@ def expand_shards(
     wanted = tuple(s.lower() for s in suffixes)
     found: list[str] = []
     for part in braceexpand.braceexpand(pattern):
-        if any(ch in part for ch in "*?["):
+        # http(s) cannot be listed, and "?" starts a query there (signed URLs): no globbing.
+        is_http = part.startswith(("http://", "https://"))
+        if not is_http and any(ch in part for ch in "*?["):
             found.extend(_glob(part, storage_options))
         elif not is_remote(part) and os.path.isdir(local_path(part)):
             root = local_path(part).rstrip("/")
@@ -139,7 +141,9 @@ class ShardFile:
         """A seekable file object; remote ones fetch ``block_size`` bytes per request."""
         try:
             if not self.remote:
-                return open(self._path, "rb")
+                # Unbuffered: a header scan seeks every 512 bytes read; a buffer would read
+                # (and throw away) 8 KiB of image data each time.
+                return open(self._path, "rb", buffering=0)
             return cast(
                 BinaryIO,
                 self._fs.open(self._path, "rb", block_size=block_size, cache_type="readahead"),

@@ -18,6 +18,7 @@ import collections
 import logging
 import re
 import tarfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any, BinaryIO
 from caption_flow.errors import SourceError
 from caption_flow.sources.cache import IndexCache
 from caption_flow.sources.shards import ShardFile
+from caption_flow.sources.tar_headers import scan_headers
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +89,22 @@ def scan_members(fileobj: BinaryIO, stream: bool, shard: str) -> list[tuple[str,
     """(name, data offset, size) of each regular file. A tar damaged part-way keeps the
     members before the damage (logged); one unreadable from the start raises SourceError."""
     found: list[tuple[str, int, int]] = []
+    error: str | None = None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*" if stream else "r:") as archive:
-            for member in archive:
-                if member.isfile():
-                    found.append((member.name, member.offset_data, member.size))
+        if stream:
+            with tarfile.open(fileobj=fileobj, mode="r|*") as archive:
+                for member in archive:
+                    if member.isfile():
+                        found.append((member.name, member.offset_data, member.size))
+        else:
+            found, error = scan_headers(fileobj)
     except (tarfile.TarError, OSError, EOFError) as exc:
+        error = str(exc)
+    if error is not None:
         if not found:
-            raise SourceError(f"not a readable tar: {shard}: {exc}") from exc
+            raise SourceError(f"not a readable tar: {shard}: {error}")
         logger.warning(
-            "tar %s is damaged after %d members (%s); indexing those", shard, len(found), exc
+            "tar %s is damaged after %d members (%s); indexing those", shard, len(found), error
         )
     return found
 
@@ -129,15 +137,17 @@ class TarIndexStore:
             collections.OrderedDict()
         )
         self.builds = 0
+        self._lock = threading.Lock()  # listing indexes remote shards from several threads
 
     def get(self, shard: str, location: str) -> TarIndex:
         """The index of ``shard`` read at ``location``; raises SourceError if unreadable."""
         file = ShardFile(location, self.storage_options)
         fingerprint = file.fingerprint()
-        remembered = self._memory.get(location)
-        if remembered is not None and remembered[0] == fingerprint:
-            self._memory.move_to_end(location)
-            return remembered[1]
+        with self._lock:
+            remembered = self._memory.get(location)
+            if remembered is not None and remembered[0] == fingerprint:
+                self._memory.move_to_end(location)
+                return remembered[1]
         payload = self.cache.load(location, fingerprint)
         index: TarIndex | None = None
         if payload is not None:
@@ -148,9 +158,10 @@ class TarIndexStore:
         if index is None:
             index = self._build(shard, file)
             self.cache.store(location, fingerprint, index.to_payload())
-        self._memory[location] = (fingerprint, index)
-        while len(self._memory) > self.memory_slots:
-            self._memory.popitem(last=False)
+        with self._lock:
+            self._memory[location] = (fingerprint, index)
+            while len(self._memory) > self.memory_slots:
+                self._memory.popitem(last=False)
         return index
 
     def _build(self, shard: str, file: ShardFile) -> TarIndex:
@@ -159,7 +170,8 @@ class TarIndexStore:
         # Remote: small readahead blocks, so scanning fetches headers, not whole images.
         with file.open(block_size=32 * 1024 if file.remote else 64 * 1024) as handle:
             members = scan_members(handle, stream, shard)
-        self.builds += 1
+        with self._lock:
+            self.builds += 1
         index = TarIndex(shard=shard, samples=group_samples(members), seekable=not stream)
         logger.info(
             "indexed %s: %d samples, %d members in %.2fs",
