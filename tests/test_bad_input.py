@@ -78,7 +78,7 @@ async def test_welcome_carries_the_job_but_never_auth(orch: Orchestrator) -> Non
     async with connect(url(orch)) as ws:
         welcome = await hello(ws)
     assert welcome.contributor == "alice"
-    assert set(welcome.config) == {"vllm", "dataset"}
+    assert set(welcome.config) == {"vllm", "dataset", "lease_seconds"}
     assert "secret" not in msgspec.json.encode(welcome.config).decode()
 
 

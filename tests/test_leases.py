@@ -99,6 +99,9 @@ def test_claim_moves_a_held_chunk_to_the_reconnected_session() -> None:
         book.accept("old", "s:0", [0])
     assert book.accept("new", "s:0", [0]) == [0]
     assert book.held_by("old") == set()
+    # A chunk that a connected session holds is not taken from it.
+    assert book.claim("third", "s:0", now=2.0, live={"new"}) is None
+    assert book.held_by("new") == {"s:0"}
 
 
 def test_loading_completed_items_from_the_database() -> None:

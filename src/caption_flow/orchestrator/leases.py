@@ -12,7 +12,7 @@ has committed them (:meth:`commit`), so the same item is never written twice.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from caption_flow.errors import NotLeasedError
@@ -121,13 +121,20 @@ class ChunkBook:
             leases.append(self._grant(chunk, session, now, missing))
         return leases
 
-    def claim(self, session: str, chunk_id: str, now: float) -> Lease | None:
-        """A reconnecting worker takes back a chunk it held, if nobody else has it now."""
+    def claim(
+        self, session: str, chunk_id: str, now: float, live: Container[str] = ()
+    ) -> Lease | None:
+        """A reconnecting worker takes back a chunk it held, unless a live session has it.
+
+        ``live`` are the sessions still connected; a chunk leased to one of them stays there.
+        """
         chunk = self.chunks.get(chunk_id)
         if chunk is None or chunk.status in (ChunkStatus.DONE, ChunkStatus.FAILED):
             return None
         if chunk.status is ChunkStatus.LEASED:
             assert chunk.holder is not None
+            if chunk.holder in live:
+                return None
             self._held.get(chunk.holder, set()).discard(chunk_id)
         else:
             self._pending.pop(chunk_id, None)

@@ -19,7 +19,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.asyncio.server import ServerConnection as WSConnection
 from websockets.exceptions import ConnectionClosed
 
-from caption_flow.config.models import ModelConfig, OrchestratorConfig
+from caption_flow.config.models import DatasetConfig, ModelConfig, OrchestratorConfig
 from caption_flow.errors import ConfigError, NotLeasedError, ProtocolError
 from caption_flow.orchestrator.auth import Authenticator
 from caption_flow.orchestrator.dataset_index import build_book, sync_chunks
@@ -59,6 +59,7 @@ class Orchestrator:
     def __init__(self, config: OrchestratorConfig) -> None:
         self.config = config
         self.job: ModelConfig = config.vllm
+        self.dataset: DatasetConfig = config.dataset
         self.store = CaptionStore(
             config.storage.data_dir,
             compact_rows=config.storage.compact_rows,
@@ -85,6 +86,9 @@ class Orchestrator:
         added = await self.store.run_db(
             sync_chunks, self.store.db, source.list_shards(), self.config.chunk_size
         )
+        pinned = getattr(source, "pinned_config", None)
+        if pinned is not None:  # hub datasets: workers read the very commit listed here
+            self.dataset = pinned()
         self.book = await self.store.run_db(
             build_book, self.store.db, self.config.lease_seconds, self.config.max_chunk_attempts
         )
@@ -233,7 +237,7 @@ class Orchestrator:
             return []
         resumed = []
         for chunk_id in held:
-            lease = self.book.claim(session.session_id, chunk_id, time.time())
+            lease = self.book.claim(session.session_id, chunk_id, time.time(), self.sessions)
             if lease is not None:
                 await self._chunk_payload(lease)
                 resumed.append(chunk_id)
@@ -300,7 +304,8 @@ class Orchestrator:
         """What a worker needs: the job and where the data is. Never the auth section."""
         return {
             "vllm": self.job.model_dump(mode="json"),
-            "dataset": self.config.dataset.model_dump(mode="json"),
+            "dataset": self.dataset.model_dump(mode="json"),
+            "lease_seconds": self.config.lease_seconds,
         }
 
     async def update_job(self, patch: dict[str, Any]) -> ModelConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -62,6 +63,7 @@ class Worker:
         self.dataset: DatasetConfig | None = None
         self.source: Source | None = None
         self.clock = EngineClock()
+        self.lease_seconds = float("inf")
         self.session_id: str | None = None
         self.finished = asyncio.Event()  # the orchestrator has no more work for anyone
         self.stopped = asyncio.Event()
@@ -125,6 +127,7 @@ class Worker:
             finally:
                 self._ws = None
             if self._done():
+                log.info("all work is done; stopping")
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopped.wait(), delay * (0.8 + 0.4 * random.random()))
@@ -194,6 +197,9 @@ class Worker:
                 log.warning("results for %s rejected: %s", settled.chunk_id, message.reason)
                 self._abandon(settled.chunk_id)
         elif isinstance(message, Assign):
+            log.debug(
+                "assigned %s (finished=%s)", [c.chunk_id for c in message.chunks], message.finished
+            )
             for chunk in message.chunks:
                 self.queue.put_nowait(chunk)
             if message.finished:
@@ -210,6 +216,7 @@ class Worker:
 
     def _apply_job(self, payload: dict[str, Any]) -> None:
         self.job = ModelConfig.model_validate(payload["vllm"])
+        self.lease_seconds = float(payload.get("lease_seconds", self.lease_seconds))
         dataset = DatasetConfig.model_validate(payload["dataset"])
         if dataset != self.dataset:
             self.dataset = dataset
@@ -234,7 +241,8 @@ class Worker:
     async def _heartbeat_loop(self, ws: WSClient) -> None:
         started, items = time.monotonic(), self.clock.items
         while True:
-            await asyncio.sleep(self.config.heartbeat_seconds)
+            # Often enough that a lease never lapses while this worker is alive.
+            await asyncio.sleep(min(self.config.heartbeat_seconds, self.lease_seconds / 3))
             elapsed = time.monotonic() - started
             stats = {
                 "items_per_s": round((self.clock.items - items) / max(elapsed, 1e-6), 3),
@@ -274,7 +282,7 @@ class Worker:
                     job=lambda: self._job(),
                     batch_size=lambda: self.config.batch_size or self._job().batch_size,
                     emit=self._emit,
-                    abandoned=lambda c=chunk.chunk_id: c in self.abandoned,
+                    abandoned=functools.partial(self.abandoned.__contains__, chunk.chunk_id),
                 )
             finally:
                 self.current = None
