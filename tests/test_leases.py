@@ -197,3 +197,29 @@ class BookMachine(RuleBasedStateMachine):
 
 TestBookMachine = BookMachine.TestCase
 TestBookMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_chunks_leased_before_a_restart_wait_for_their_worker() -> None:
+    import tempfile
+    from pathlib import Path
+
+    from caption_flow.orchestrator.dataset_index import build_book
+    from caption_flow.storage.state import ChunkState, StateDB
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = StateDB(Path(tmp) / "state.db")
+        db.add_chunks([("s:0", "s", ["a", "b"]), ("s:1", "s", ["c"])])
+        db.commit([], [ChunkState("s:0", "leased", holder="old-session", deadline=1.0)])
+        book = build_book(db, lease_seconds=10.0, max_attempts=1, now=100.0)
+        db.close()
+    # A newcomer gets only the chunk nobody held ...
+    assert [lease.chunk_id for lease in book.lease("newcomer", 5, now=100.0)] == ["s:1"]
+    # ... the reconnecting worker reclaims its chunk ...
+    lease = book.claim("returning", "s:0", now=101.0, live={"newcomer"})
+    assert lease is not None and lease.item_ids == [0, 1]
+    # ... and had it never come back, the chunk returns to the queue without a lost attempt.
+    book2 = ChunkBook(10.0, 1)
+    book2.add_chunk("s:0", "s", 0, 2)
+    book2.hold_for_reclaim("s:0", now=0.0)
+    assert book2.expire(now=11.0)[0].failed is False
+    assert book2.lease("w", 1, now=12.0)[0].item_ids == [0, 1]

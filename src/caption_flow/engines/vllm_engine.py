@@ -15,7 +15,7 @@ from typing import Any
 
 from caption_flow.config.models import SamplingConfig
 from caption_flow.engines.base import EngineSpec, Generation, GenerationRequest
-from caption_flow.engines.transformers_engine import _engine_error, _model_location
+from caption_flow.engines.transformers_engine import engine_error, model_location
 from caption_flow.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -45,12 +45,18 @@ def format_prompt(processor: Any, prompt: str) -> str:
     raise EngineError("the model has no chat template; captionflow needs one to place the image")
 
 
-def engine_args(spec: EngineSpec) -> dict[str, Any]:
-    """``vllm.LLM`` keyword arguments: every spec field, so a changed field is a changed model."""
+def engine_args(spec: EngineSpec, platform_device: str = "cuda") -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments: every spec field, so a changed field is a changed model.
+
+    ``auto`` precision on the CPU is float32, as in the transformers engine: vLLM would pick
+    bfloat16, whose matrix products are about 6x slower on CPUs without AVX-512/AMX, and whose
+    captions would differ from the transformers engine's.
+    """
+    cpu_auto = spec.dtype == "auto" and platform_device == "cpu"
     args: dict[str, Any] = {
-        "model": _model_location(spec.model),
+        "model": model_location(spec.model),
         "revision": spec.revision,
-        "dtype": spec.dtype,
+        "dtype": "float32" if cpu_auto else spec.dtype,
         "tensor_parallel_size": spec.tensor_parallel_size,
         "max_model_len": spec.max_model_len,
         "gpu_memory_utilization": spec.gpu_memory_utilization,
@@ -60,7 +66,7 @@ def engine_args(spec: EngineSpec) -> dict[str, Any]:
         "trust_remote_code": spec.trust_remote_code,
     }
     if spec.disable_mm_preprocessor_cache:
-        # vLLM >= 0.11 replaced disable_mm_preprocessor_cache with a cache size; 0 disables it.
+        # vLLM replaced its disable_mm_preprocessor_cache switch by a size; 0 turns it off.
         args["mm_processor_cache_gb"] = 0
     return args
 
@@ -79,8 +85,9 @@ def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
 
 
 def _check_device(device: str, platform_device: str) -> None:
-    """vLLM runs on the platform it was built for; a GPU is chosen with CUDA_VISIBLE_DEVICES."""
-    if device not in ("auto", platform_device):
+    """vLLM runs on the platform it was built for; a GPU is chosen with CUDA_VISIBLE_DEVICES,
+    which makes the chosen one device 0."""
+    if device not in ("auto", platform_device, f"{platform_device}:0"):
         raise EngineError(
             f"vLLM runs on {platform_device!r}, not {device!r}; pick a GPU with "
             "CUDA_VISIBLE_DEVICES, or use the transformers engine"
@@ -123,7 +130,7 @@ class VLLMEngine:
 
         _check_device(spec.device, current_platform.device_type)
         self.spec = spec
-        self._args = engine_args(spec)
+        self._args = engine_args(spec, current_platform.device_type)
         self._llm: Any = None
         self._closed = False
         self._start()
@@ -141,7 +148,7 @@ class VLLMEngine:
             )
             self._llm = LLM(**self._args)
         except Exception as exc:  # foreign code: anything it raises becomes our error
-            raise _engine_error(f"loading {self.spec.model} with vLLM", exc) from exc
+            raise engine_error(f"loading {self.spec.model} with vLLM", exc) from exc
 
     @property
     def llm(self) -> Any:
@@ -162,9 +169,8 @@ class VLLMEngine:
         if not requests:
             return []
         try:
-            texts = {
-                p: format_prompt(self._processor, p) for p in {r.prompt: None for r in requests}
-            }
+            prompts = dict.fromkeys(r.prompt for r in requests)  # a few prompts, many images
+            texts = {p: format_prompt(self._processor, p) for p in prompts}
             inputs = [
                 {"prompt": texts[r.prompt], "multi_modal_data": {"image": r.image}}
                 for r in requests
@@ -175,7 +181,7 @@ class VLLMEngine:
             raise
         except Exception as exc:  # foreign code: anything it raises becomes our error
             self._recover(llm, exc)
-            raise _engine_error(f"generating {len(requests)} captions with vLLM", exc) from exc
+            raise engine_error(f"generating {len(requests)} captions with vLLM", exc) from exc
         return [_generation(o) for o in outputs]
 
     def _recover(self, llm: Any, exc: Exception) -> None:

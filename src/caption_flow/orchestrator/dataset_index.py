@@ -8,6 +8,7 @@ adding files or shards never remaps finished work.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 from caption_flow.orchestrator.leases import ChunkBook
@@ -46,8 +47,15 @@ def sync_chunks(
     return added
 
 
-def build_book(db: StateDB, lease_seconds: float, max_attempts: int) -> ChunkBook:
-    """The in-memory book, with every item the database already holds as done."""
+def build_book(
+    db: StateDB, lease_seconds: float, max_attempts: int, now: float | None = None
+) -> ChunkBook:
+    """The in-memory book, with every item the database already holds as done.
+
+    Chunks that were leased when the last process stopped are held for one lease time, so
+    the workers that had them can reclaim them when they reconnect.
+    """
+    now = time.time() if now is None else now
     book = ChunkBook(lease_seconds, max_attempts)
     for row in db.load_chunks():
         done: Iterable[int] = (
@@ -64,4 +72,6 @@ def build_book(db: StateDB, lease_seconds: float, max_attempts: int) -> ChunkBoo
             attempts=row.attempts,
             failed_reason=row.reason if row.status == "failed" else None,
         )
+        if row.status == "leased":
+            book.hold_for_reclaim(row.chunk_id, now)
     return book

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 
 from caption_flow.errors import NotLeasedError
 
+# Holds chunks that were leased when the previous orchestrator process stopped, so that
+# their workers can reclaim them after reconnecting instead of racing newcomers for them.
+RECLAIM_HOLDER = "(awaiting reconnect)"
+
 
 class ChunkStatus(str, enum.Enum):
     PENDING = "pending"
@@ -148,6 +152,13 @@ class ChunkBook:
         self._held.setdefault(session, set()).add(chunk.chunk_id)
         return Lease(chunk.chunk_id, chunk.shard, missing, chunk.deadline)
 
+    def hold_for_reclaim(self, chunk_id: str, now: float) -> None:
+        """Keep a chunk that was leased before a restart for its worker, for one lease time."""
+        chunk = self.chunks[chunk_id]
+        if chunk.status is ChunkStatus.PENDING:
+            self._pending.pop(chunk_id, None)
+            self._grant(chunk, RECLAIM_HOLDER, now, [])
+
     def heartbeat(self, session: str, now: float) -> None:
         """Extend every lease the session holds."""
         for chunk_id in self._held.get(session, ()):
@@ -228,7 +239,8 @@ class ChunkBook:
                 if chunk.deadline > now:
                     continue
                 self._unlease(chunk)
-                chunk.attempts += 1
+                if session != RECLAIM_HOLDER:  # a restart is not the chunk's fault
+                    chunk.attempts += 1
                 failed = chunk.attempts >= self.max_attempts
                 if failed:
                     chunk.status = ChunkStatus.FAILED

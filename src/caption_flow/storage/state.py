@@ -174,14 +174,6 @@ class StateDB:
         )
         return dict(rows.fetchall())
 
-    def clear_leases(self) -> int:
-        """On start-up: no session of a previous process holds anything any more."""
-        cur = self.conn.execute(
-            "UPDATE chunks SET status='pending', holder=NULL, deadline=NULL WHERE status='leased'"
-        )
-        return cur.rowcount
-
-    # -- results --------------------------------------------------------------------------
     def commit(self, entries: Sequence[JournalEntry], states: Sequence[ChunkState]) -> None:
         """Journal rows, done flags, contributor counts and chunk states: one transaction.
 

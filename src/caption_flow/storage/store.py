@@ -62,15 +62,13 @@ class CaptionStore:
         missing = [n for n in recorded if not (self.parts_dir / n).exists()]
         if missing:
             log.error("recorded parts missing from disk: %s", ", ".join(sorted(missing)))
-        cleared = await self.run_db(self.db.clear_leases)
         self._journal_rows = await self.run_db(self.db.journal_size)
         if self._journal_rows:
             self._oldest_unflushed = time.monotonic()
         log.info(
-            "store ready: %d journal rows, %d parts, %d stale leases cleared, %d files removed",
+            "store ready: %d journal rows, %d parts, %d files removed",
             self._journal_rows,
             len(recorded),
-            cleared,
             len(removed),
         )
         self._queue = asyncio.Queue()

@@ -143,7 +143,8 @@ class ChunkPipeline:
             close = getattr(reader, "close", None)
             if close is not None:
                 close()
-            await out.put(None)
+        # Not in ``finally``: once cancelled, nobody reads the queue and a put would hang.
+        await out.put(None)
 
     async def _caption(self, batch: Sequence[Decoded], job: ModelConfig) -> list[ItemResult]:
         ready = [d for d in batch if d.caption_input is not None]
