@@ -85,3 +85,40 @@ async def test_parquet_dataset_end_to_end(tmp_path: Path, tiny_model_dir: Path) 
     assert len(pairs) == 8 and max(pairs.values()) == 1
     assert {shard for shard, _ in pairs} == {"data/train-0.parquet", "data/train-1.parquet"}
     assert all(r["error"] is None and r["captions"] for r in rows)
+
+
+async def test_restart_in_the_middle_of_a_shard_resumes_only_missing_items(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    members = [(f"k{i:02d}.jpg", jpeg(i)) for i in range(12)]
+    write_tar(tmp_path / "shards" / "only.tar", members)
+    dataset = DatasetConfig(type="webdataset", path=str(tmp_path / "shards" / "only.tar"))
+    config = orchestrator_config(tmp_path / "data", tmp_path, tiny_model_dir, chunk_size=12)
+    config = config.model_copy(update={"dataset": dataset})
+
+    # First run: one chunk covers the whole shard; stop everything part-way through it.
+    orch = Orchestrator(config)
+    await orch.start()
+    alice = Worker(worker_config(orch.port, "alice", batch_size=2))
+    task = asyncio.create_task(alice.run())
+    while orch.snapshot()["items_done"] < 4:
+        await asyncio.sleep(0.02)
+    alice.stop()
+    await asyncio.wait_for(task, 60 * TIME_UNIT)
+    await orch.stop()
+    first = {r["item_key"] for r in read_rows(tmp_path / "data")}
+    assert 4 <= len(first) < 12
+
+    # Second run: the re-leased chunk carries only the missing items.
+    orch = Orchestrator(config)
+    await orch.start()
+    try:
+        bob = Worker(worker_config(orch.port, "bob"))
+        await asyncio.wait_for(bob.run(), timeout=180 * TIME_UNIT)
+    finally:
+        await orch.stop()
+    rows = read_rows(tmp_path / "data")
+    counts = collections.Counter(r["item_key"] for r in rows)
+    assert len(counts) == 12 and max(counts.values()) == 1
+    assert bob.clock.items == 12 - len(first), "bob read and captioned only what was missing"
+    assert {r["item_key"] for r in rows if r["contributor_id"] == "bob"} == set(counts) - first
