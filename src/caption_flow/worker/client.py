@@ -35,6 +35,7 @@ from caption_flow.protocol.messages import (
     Hello,
     ItemResult,
     Reject,
+    Release,
     Request,
     Welcome,
     encode,
@@ -90,9 +91,16 @@ class Worker:
             self.captioner.close()
 
     def stop(self) -> None:
+        """Stop cleanly: hand held chunks back so others get them at once, then close."""
         self.stopped.set()
         if self._ws is not None:
-            self._closing = asyncio.ensure_future(self._ws.close())
+            self._closing = asyncio.ensure_future(self._release_and_close(self._ws))
+
+    async def _release_and_close(self, ws: WSClient) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            for chunk_id in self._held_chunks():
+                await ws.send(encode(Release(chunk_id=chunk_id)))
+        await ws.close()
 
     async def _connect_loop(self) -> None:
         delay = 0.5
