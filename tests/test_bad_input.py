@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from support import ADMIN_TOKEN, MONITOR_TOKEN, WORKER_TOKENS, orchestrator_config
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -27,7 +28,6 @@ from caption_flow.protocol.messages import (
     decode,
     encode,
 )
-from support import ADMIN_TOKEN, MONITOR_TOKEN, WORKER_TOKENS, orchestrator_config
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import TIME_UNIT, WORKER_TOKENS, read_rows
 
 from caption_flow.storage.state import StateDB
-from support import TIME_UNIT, WORKER_TOKENS, read_rows
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
@@ -98,8 +98,17 @@ class Cluster:
     def start_orchestrator(self) -> None:
         self.orchestrator = self._spawn(
             "orchestrator",
-            ["orchestrator", "--config", str(self.orch_cfg), "--host", "127.0.0.1",
-             "--port", str(self.port), "--data-dir", str(self.data)],
+            [
+                "orchestrator",
+                "--config",
+                str(self.orch_cfg),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data),
+            ],
         )
         deadline = time.monotonic() + 30 * TIME_UNIT
         while items_done(self.port) is None:
@@ -110,9 +119,18 @@ class Cluster:
     def start_worker(self, name: str) -> None:
         self.workers[name] = self._spawn(
             f"worker-{name}",
-            ["worker", "--server", f"ws://127.0.0.1:{self.port}", "--token",
-             WORKER_TOKENS[name], "--name", name, "--engine", "transformers",
-             "--exit-when-done"],
+            [
+                "worker",
+                "--server",
+                f"ws://127.0.0.1:{self.port}",
+                "--token",
+                WORKER_TOKENS[name],
+                "--name",
+                name,
+                "--engine",
+                "transformers",
+                "--exit-when-done",
+            ],
         )
 
     def kill(self, proc: subprocess.Popen[bytes] | None) -> None:

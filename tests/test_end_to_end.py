@@ -8,21 +8,18 @@ import collections
 from pathlib import Path
 
 import pytest
+from support import PROMPTS, TIME_UNIT, orchestrator_config, read_rows, worker_config
 
 from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.storage.state import StateDB
 from caption_flow.worker.client import Worker
-
-from support import PROMPTS, TIME_UNIT, orchestrator_config, read_rows, worker_config
 
 pytestmark = pytest.mark.timeout(240)
 
 
 async def run_workers(orch: Orchestrator, names: list[str], **worker_kw: object) -> list[Worker]:
     workers = [Worker(worker_config(orch.port, name, **worker_kw)) for name in names]
-    await asyncio.wait_for(
-        asyncio.gather(*(w.run() for w in workers)), timeout=180 * TIME_UNIT
-    )
+    await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)), timeout=180 * TIME_UNIT)
     return workers
 
 

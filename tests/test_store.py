@@ -7,26 +7,26 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from caption_flow.protocol.messages import ItemResult
 from caption_flow.storage.parts import remove_unrecorded
-from caption_flow.storage.rows import OutputRow, encode_row
-from caption_flow.storage.state import ChunkState, JournalEntry, StateDB
+from caption_flow.storage.rows import NO_TEXT, JournalRecord, encode_record
+from caption_flow.storage.state import ChunkState, JournalBatch, StateDB
 from caption_flow.storage.store import CaptionStore
 
 
-def entry(item_id: int, key: str, error: str | None = None) -> JournalEntry:
-    row = OutputRow(
+def batch(items: list[ItemResult], contributor: str = "alice") -> JournalBatch:
+    record = JournalRecord(
         dataset="d",
         shard="s",
-        item_key=key,
         chunk_id="s:0",
-        outputs={} if error else {"captions": [f"caption {key}"]},
         model="m",
-        contributor_id="alice",
+        contributor_id=contributor,
         worker="w1",
         timestamp=1.0,
-        error=error,
+        items=items,
     )
-    return JournalEntry(item_id, encode_row(row), "alice", error is not None)
+    failed = sum(1 for i in items if i.error)
+    return JournalBatch([i.item_id for i in items], encode_record(record), contributor, failed)
 
 
 def test_chunks_get_contiguous_ids_and_keys_stay_unique(tmp_path: Path) -> None:
@@ -38,28 +38,30 @@ def test_chunks_get_contiguous_ids_and_keys_stay_unique(tmp_path: Path) -> None:
 
 
 async def test_commit_compact_and_recover(tmp_path: Path) -> None:
-    store = CaptionStore(tmp_path, compact_rows=1000, compact_seconds=3600, group_commit_ms=0)
+    store = CaptionStore(tmp_path, compact_rows=1000, compact_seconds=3600)
     await store.start()
-    await store.run_db(store.db.add_chunks, [("s:0", "s", ["a", "b", "c"])])
+    await store.run_db(store.db.add_chunks, [("s:0", "s", ["a", "b", "c", "d"])])
     await asyncio.gather(
-        store.commit([entry(0, "a")]),
-        store.commit([entry(1, "b", error="cannot decode image")]),
+        store.commit([batch([ItemResult(0, "a", outputs={"captions": ["caption a", " "]})])]),
+        store.commit([batch([ItemResult(1, "b", error="cannot decode image")])]),
+        store.commit([batch([ItemResult(2, "c", outputs={"tags": ["x"]})], "bob")]),
         store.commit(chunk_states=[ChunkState("s:0", "leased", holder="x", deadline=5.0)]),
     )
-    # A resend of item 0 after a lost ack: the journal keeps one row.
-    await store.commit([entry(0, "a")])
-    assert await store.run_db(store.db.journal_size) == 2
-    assert await store.compact() == 2
+    await store.commit([batch([ItemResult(3, "d", outputs={"captions": [""]})])])
+    assert await store.run_db(store.db.journal_size) == 4
+    assert await store.run_db(store.db.done_items, "s:0") == [0, 1, 2, 3]
+    assert await store.compact() == 4
     assert await store.run_db(store.db.journal_size) == 0
     await store.close()
 
     parts = sorted((tmp_path / "captions").glob("part-*.parquet"))
-    table = pq.read_table(parts[0])
-    assert table.column("item_key").to_pylist() == ["a", "b"]
-    assert table.column("error").to_pylist() == [None, "cannot decode image"]
-    assert table.column("captions").to_pylist() == [["caption a"], []]
+    rows = {r["item_key"]: r for r in pq.read_table(parts[0]).to_pylist()}
+    assert rows["a"]["captions"] == ["caption a"] and rows["a"]["error"] is None
+    assert rows["b"]["error"] == "cannot decode image" and rows["b"]["captions"] == []
+    assert rows["c"]["tags"] == ["x"] and rows["c"]["captions"] == []
+    assert rows["d"]["error"] == NO_TEXT, "an item whose every generation was empty"
     db = StateDB(tmp_path / "state.db")
-    assert db.contributors() == [("alice", 2, 1)]
+    assert sorted(db.contributors()) == [("alice", 3, 1), ("bob", 1, 0)]
     assert [c.status for c in db.load_chunks()] == ["leased"]
     db.close()
 
@@ -74,7 +76,30 @@ async def test_commit_compact_and_recover(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_close_during_a_compaction_writes_each_row_once(tmp_path: Path) -> None:
+    store = CaptionStore(tmp_path, compact_rows=50, compact_seconds=0.01)
+    await store.start()
+    keys = [f"k{i}" for i in range(400)]
+    await store.run_db(store.db.add_chunks, [("s:0", "s", keys)])
+    for start in range(0, 400, 20):
+        items = [
+            ItemResult(i, keys[i], outputs={"captions": ["c"]}) for i in range(start, start + 20)
+        ]
+        await store.commit([batch(items)])
+    await asyncio.sleep(0.55)  # let the compactor start a part
+    await store.close()
+    table = pq.read_table(tmp_path / "captions")
+    assert sorted(table.column("item_key").to_pylist()) == sorted(keys)
+
+
 def test_remove_unrecorded_keeps_recorded_parts(tmp_path: Path) -> None:
     (tmp_path / "part-00000001.parquet").write_bytes(b"x")
     (tmp_path / "part-00000002.parquet").write_bytes(b"x")
     assert remove_unrecorded(tmp_path, {"part-00000001.parquet"}) == ["part-00000002.parquet"]
+
+
+def test_id_runs() -> None:
+    from caption_flow.storage.state import id_runs
+
+    assert id_runs([5, 1, 2, 3, 9, 10, 3]) == [(1, 3), (5, 5), (9, 10)]
+    assert id_runs([]) == []

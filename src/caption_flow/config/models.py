@@ -122,7 +122,9 @@ class StorageConfig(_Strict):
     data_dir: Path = Path("./caption_data")
     compact_rows: int = Field(50_000, ge=1, description="journal rows that trigger a part file")
     compact_seconds: float = Field(10.0, gt=0, description="oldest journal row age that does")
-    group_commit_ms: float = Field(5.0, ge=0)
+    group_commit_ms: float = Field(
+        0.0, ge=0, description="extra wait to group commits; 0: group what arrived meanwhile"
+    )
 
 
 class TokenEntry(_Strict):

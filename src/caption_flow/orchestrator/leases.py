@@ -12,6 +12,7 @@ has committed them (:meth:`commit`), so the same item is never written twice.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
@@ -81,7 +82,10 @@ class ChunkBook:
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.chunks: dict[str, Chunk] = {}
-        self._pending: dict[str, None] = {}  # insertion-ordered set: the lease queue
+        # The lease queue: a deque with lazy deletion (an id popped that is no longer in
+        # ``_queued`` is skipped), so leasing and releasing stay O(1) at any dataset size.
+        self._queue: deque[str] = deque()
+        self._queued: set[str] = set()
         self._held: dict[str, set[str]] = {}  # session -> chunk ids
         self.items_total = 0
         self.items_done = 0
@@ -108,16 +112,26 @@ class ChunkBook:
             chunk.status = ChunkStatus.FAILED
             chunk.reason = failed_reason
         else:
-            self._pending[chunk_id] = None
+            self._enqueue(chunk_id)
         return chunk
+
+    def _enqueue(self, chunk_id: str, front: bool = False) -> None:
+        if chunk_id not in self._queued:
+            self._queued.add(chunk_id)
+            if front:
+                self._queue.appendleft(chunk_id)
+            else:
+                self._queue.append(chunk_id)
 
     # -- leasing --------------------------------------------------------------------------
     def lease(self, session: str, count: int, now: float) -> list[Lease]:
         """Lease up to ``count`` pending chunks to ``session``, oldest first."""
         leases: list[Lease] = []
-        while self._pending and len(leases) < count:
-            chunk_id = next(iter(self._pending))
-            del self._pending[chunk_id]
+        while self._queue and len(leases) < count:
+            chunk_id = self._queue.popleft()
+            if chunk_id not in self._queued:
+                continue  # taken by a claim or finished since it was queued
+            self._queued.discard(chunk_id)
             chunk = self.chunks[chunk_id]
             missing = chunk.missing()
             if not missing:  # everything is in flight; the commit will finish it
@@ -141,7 +155,7 @@ class ChunkBook:
                 return None
             self._held.get(chunk.holder, set()).discard(chunk_id)
         else:
-            self._pending.pop(chunk_id, None)
+            self._queued.discard(chunk_id)
         missing = chunk.missing()
         return self._grant(chunk, session, now, missing)
 
@@ -156,7 +170,7 @@ class ChunkBook:
         """Keep a chunk that was leased before a restart for its worker, for one lease time."""
         chunk = self.chunks[chunk_id]
         if chunk.status is ChunkStatus.PENDING:
-            self._pending.pop(chunk_id, None)
+            self._queued.discard(chunk_id)
             self._grant(chunk, RECLAIM_HOLDER, now, [])
 
     def heartbeat(self, session: str, now: float) -> None:
@@ -200,7 +214,7 @@ class ChunkBook:
         if chunk.complete and chunk.status is not ChunkStatus.DONE:
             if chunk.holder is not None:
                 self._held.get(chunk.holder, set()).discard(chunk_id)
-            self._pending.pop(chunk_id, None)
+            self._queued.discard(chunk_id)
             chunk.status = ChunkStatus.DONE
             chunk.holder = None
             chunk.done = set()
@@ -213,7 +227,7 @@ class ChunkBook:
         chunk = self.chunks[chunk_id]
         chunk.inflight.difference_update(item_ids)
         if chunk.status is ChunkStatus.PENDING:
-            self._pending[chunk_id] = None
+            self._enqueue(chunk_id)
 
     # -- giving back ----------------------------------------------------------------------
     def release(self, session: str, chunk_id: str) -> bool:
@@ -222,7 +236,7 @@ class ChunkBook:
         if chunk is None or chunk.holder != session or chunk.status is not ChunkStatus.LEASED:
             return False
         self._unlease(chunk)
-        self._pending = {chunk_id: None, **self._pending}
+        self._enqueue(chunk_id, front=True)
         return True
 
     def release_all(self, session: str) -> list[str]:
@@ -246,7 +260,7 @@ class ChunkBook:
                     chunk.status = ChunkStatus.FAILED
                     chunk.reason = f"lease expired {chunk.attempts} times"
                 else:
-                    self._pending[chunk_id] = None
+                    self._enqueue(chunk_id)
                 expired.append(Expiry(chunk_id, session, failed, chunk.attempts))
             if not chunk_ids:
                 self._held.pop(session, None)
@@ -269,4 +283,4 @@ class ChunkBook:
     @property
     def finished(self) -> bool:
         """No chunk is pending or leased: nothing left to hand out or wait for."""
-        return not self._pending and not any(self._held.values())
+        return not self._queued and not any(self._held.values())

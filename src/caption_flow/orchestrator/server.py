@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import ssl
 import time
@@ -25,7 +26,7 @@ from caption_flow.orchestrator.auth import Authenticator
 from caption_flow.orchestrator.dataset_index import build_book, sync_chunks
 from caption_flow.orchestrator.http import answer_http
 from caption_flow.orchestrator.leases import ChunkBook, Lease
-from caption_flow.orchestrator.results import build_entries
+from caption_flow.orchestrator.results import build_batch
 from caption_flow.orchestrator.sessions import Session
 from caption_flow.orchestrator.stats import RateMeter
 from caption_flow.protocol.connection import ServerConnection
@@ -117,6 +118,10 @@ class Orchestrator:
             asyncio.create_task(self._monitor_loop(), name="monitor-push"),
         ]
         self._check_finished()
+        # Everything built so far (the chunk book above all) lives as long as the process:
+        # keep the garbage collector from walking it again and again.
+        gc.collect()
+        gc.freeze()
         log.info("orchestrator listening on %s:%d", self.config.host, self.port)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -221,7 +226,7 @@ class Orchestrator:
     async def _chunk_payload(self, lease: Lease) -> ChunkLease:
         keys = self._lease_keys.get(lease.chunk_id)
         if keys is None and lease.item_ids:
-            keys = await self.store.read_keys(lease.item_ids[0], lease.item_ids[-1])
+            keys = self.store.read_keys(lease.item_ids[0], lease.item_ids[-1])
             self._lease_keys[lease.chunk_id] = keys
         keys = keys or {}
         return ChunkLease(
@@ -266,9 +271,9 @@ class Orchestrator:
             await session.send(Reject(seq=results.seq, reason=str(exc)))
             return
         chunk = self.book.chunks[results.chunk_id]
-        entries = build_entries(
+        batch = build_batch(
             results,
-            set(fresh),
+            fresh,
             keys=self._lease_keys.get(results.chunk_id, {}),
             dataset=self.config.dataset.name or self.config.dataset.path,
             shard=chunk.shard,
@@ -276,7 +281,7 @@ class Orchestrator:
             worker=session.name,
         )
         try:
-            await self.store.commit(entries)
+            await self.store.commit([batch])
         except Exception:
             self.book.abort(results.chunk_id, fresh)
             await session.websocket.close(1011, "storage failure; resend later")
@@ -285,10 +290,9 @@ class Orchestrator:
         if completed:
             self._lease_keys.pop(results.chunk_id, None)
             await self.store.commit(chunk_states=[self._state(results.chunk_id)])
-        failed = sum(1 for e in entries if e.failed)
-        self.items_failed += failed
-        session.items_done += len(entries)
-        self.rate.add(len(entries))
+        self.items_failed += batch.failed
+        session.items_done += len(fresh)
+        self.rate.add(len(fresh))
         await session.send(
             Ack(seq=results.seq, accepted=len(fresh), duplicates=len(results.items) - len(fresh))
         )

@@ -1,36 +1,59 @@
-"""The output row: one per item, journaled as msgpack, compacted to Parquet."""
+"""The journal record (one per results message) and its conversion to Parquet columns.
+
+A record holds the shared context of a message (dataset, shard, chunk, model, contributor,
+worker, time) once, and its items as msgpack maps whose field names match the protocol's
+``ItemResult``, so the orchestrator journals the worker's items without rebuilding them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import msgspec
 import pyarrow as pa
 
+NO_TEXT = "the engine produced no text"
 
-class OutputRow(msgspec.Struct, omit_defaults=True):
+
+class StoredItem(msgspec.Struct, omit_defaults=True, gc=False):
+    item_id: int
+    key: str
+    outputs: dict[str, list[str]] = {}
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    processing_ms: float = 0.0
+
+
+class JournalRecord(msgspec.Struct, gc=False):
+    """Items of one results message, with the context every row of them shares."""
+
     dataset: str
     shard: str
-    item_key: str
     chunk_id: str
-    outputs: dict[str, list[str]]
     model: str
     contributor_id: str
     worker: str
     timestamp: float
-    processing_ms: float = 0.0
-    width: int | None = None
-    height: int | None = None
-    error: str | None = None
+    items: Sequence[Any]  # protocol ItemResult when written, StoredItem when read
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(OutputRow)
 
 
-def encode_row(row: OutputRow) -> bytes:
-    return _encoder.encode(row)
+class _StoredRecord(JournalRecord, gc=False):
+    items: list[StoredItem]  # type: ignore[assignment]
 
 
-def decode_row(data: bytes) -> OutputRow:
+_decoder = msgspec.msgpack.Decoder(_StoredRecord)
+
+
+def encode_record(record: JournalRecord) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode_record(data: bytes) -> JournalRecord:
     return _decoder.decode(data)
 
 
@@ -50,26 +73,37 @@ BASE_FIELDS: list[pa.Field] = [
 ]
 
 
-def rows_to_table(rows: list[OutputRow], output_fields: list[str]) -> pa.Table:
-    """Columns: the base fields, then one list<string> column per output field."""
-    columns: dict[str, list[object]] = {f.name: [] for f in BASE_FIELDS}
-    for name in output_fields:
-        columns[name] = []
-    for r in rows:
-        columns["dataset"].append(r.dataset)
-        columns["shard"].append(r.shard)
-        columns["item_key"].append(r.item_key)
-        columns["chunk_id"].append(r.chunk_id)
-        columns["model"].append(r.model)
-        columns["contributor_id"].append(r.contributor_id)
-        columns["worker"].append(r.worker)
-        columns["timestamp"].append(int(r.timestamp * 1000))
-        columns["processing_ms"].append(r.processing_ms)
-        columns["width"].append(r.width)
-        columns["height"].append(r.height)
-        columns["error"].append(r.error)
-        for name in output_fields:
-            columns[name].append(r.outputs.get(name, []))
-    fields = [*BASE_FIELDS, *(pa.field(n, pa.list_(pa.string())) for n in output_fields)]
-    schema = pa.schema(fields)
-    return pa.table({f.name: pa.array(columns[f.name], f.type) for f in fields}, schema=schema)
+def records_to_table(records: Iterable[JournalRecord]) -> pa.Table:
+    """One row per item. Empty generations are dropped; an item left with no text and no
+    error gets the error ``NO_TEXT``. One ``list<string>`` column per output field."""
+    records = list(records)
+    fields = sorted({f for r in records for item in r.items for f in item.outputs})
+    cols: dict[str, list[Any]] = {f.name: [] for f in BASE_FIELDS}
+    outs: dict[str, list[list[str]]] = {f: [] for f in fields}
+    for r in records:
+        n = len(r.items)
+        for name, value in (
+            ("dataset", r.dataset),
+            ("shard", r.shard),
+            ("chunk_id", r.chunk_id),
+            ("model", r.model),
+            ("contributor_id", r.contributor_id),
+            ("worker", r.worker),
+            ("timestamp", int(r.timestamp * 1000)),
+        ):
+            cols[name].extend([value] * n)
+        for item in r.items:
+            cols["item_key"].append(item.key)
+            cols["processing_ms"].append(item.processing_ms)
+            cols["width"].append(item.width)
+            cols["height"].append(item.height)
+            has_text = False
+            for f in fields:
+                texts = [t for t in item.outputs.get(f, ()) if t.strip()]
+                has_text = has_text or bool(texts)
+                outs[f].append(texts)
+            cols["error"].append(item.error or (None if has_text else NO_TEXT))
+    schema = pa.schema([*BASE_FIELDS, *(pa.field(f, pa.list_(pa.string())) for f in fields)])
+    arrays = [pa.array(cols[f.name], f.type) for f in BASE_FIELDS]
+    arrays += [pa.array(outs[f], pa.list_(pa.string())) for f in fields]
+    return pa.Table.from_arrays(arrays, schema=schema)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from caption_flow.errors import StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,7 +41,9 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS items_shard_key ON items (shard, key);
 CREATE INDEX IF NOT EXISTS items_chunk ON items (chunk_id, done);
-CREATE TABLE IF NOT EXISTS journal (item_id INTEGER PRIMARY KEY, row BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, items INTEGER NOT NULL, record BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS parts (
     name TEXT PRIMARY KEY, rows INTEGER NOT NULL, created REAL NOT NULL
 );
@@ -79,13 +81,26 @@ class ChunkState:
 
 
 @dataclass(frozen=True)
-class JournalEntry:
-    """One result row to make durable: the item, its encoded output row, who made it."""
+class JournalBatch:
+    """One encoded journal record, the items it makes done, and who made them."""
 
-    item_id: int
-    row: bytes
+    item_ids: Sequence[int]
+    record: bytes
     contributor: str
-    failed: bool
+    failed: int = 0
+
+
+def id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Collapse ids into inclusive (first, last) runs: a chunk's results are mostly
+    contiguous, so one statement marks a whole batch done."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if runs and i <= runs[-1][1] + 1:
+            if i > runs[-1][1]:
+                runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 class StateDB:
@@ -174,26 +189,26 @@ class StateDB:
         )
         return dict(rows.fetchall())
 
-    def commit(self, entries: Sequence[JournalEntry], states: Sequence[ChunkState]) -> None:
-        """Journal rows, done flags, contributor counts and chunk states: one transaction.
+    def commit(self, batches: Sequence[JournalBatch], states: Sequence[ChunkState]) -> None:
+        """Journal records, done flags, contributor counts and chunk states: one transaction.
 
-        Rows for items that are already done are dropped here too, so a resend after a lost
-        acknowledgement writes nothing twice even if a caller did not filter it.
+        The caller (the orchestrator's chunk book, the only writer) passes only items that
+        are not done yet; that is what makes a resend after a lost ack write nothing twice.
         """
         now = time.time()
+        per_contributor: dict[str, list[int]] = {}
+        for b in batches:
+            counts = per_contributor.setdefault(b.contributor, [0, 0])
+            counts[0] += len(b.item_ids)
+            counts[1] += b.failed
         with self._transaction():
-            entries = self._not_done(entries)
-            per_contributor: dict[str, list[int]] = {}
-            for e in entries:
-                counts = per_contributor.setdefault(e.contributor, [0, 0])
-                counts[0] += 1
-                counts[1] += int(e.failed)
             self.conn.executemany(
-                "INSERT OR IGNORE INTO journal(item_id, row) VALUES(?, ?)",
-                ((e.item_id, e.row) for e in entries),
+                "INSERT INTO journal(items, record) VALUES(?, ?)",
+                ((len(b.item_ids), b.record) for b in batches if b.item_ids),
             )
             self.conn.executemany(
-                "UPDATE items SET done=1 WHERE item_id=?", ((e.item_id,) for e in entries)
+                "UPDATE items SET done=1 WHERE item_id BETWEEN ? AND ?",
+                id_runs(i for b in batches for i in b.item_ids),
             )
             self.conn.executemany(
                 "UPDATE chunks SET status=?, attempts=?, reason=?, holder=?, deadline=? "
@@ -210,26 +225,6 @@ class StateDB:
                 ((c, n, f, now, now, now) for c, (n, f) in per_contributor.items()),
             )
 
-    def _not_done(self, entries: Sequence[JournalEntry]) -> list[JournalEntry]:
-        ids = [e.item_id for e in entries]
-        done: set[int] = set()
-        for start in range(0, len(ids), 900):
-            part = ids[start : start + 900]
-            marks = ",".join("?" * len(part))
-            done.update(
-                r[0]
-                for r in self.conn.execute(
-                    f"SELECT item_id FROM items WHERE done=1 AND item_id IN ({marks})", part
-                )
-            )
-        seen: set[int] = set()
-        fresh = []
-        for e in entries:
-            if e.item_id not in done and e.item_id not in seen:
-                seen.add(e.item_id)
-                fresh.append(e)
-        return fresh
-
     def contributors(self) -> list[tuple[str, int, int]]:
         return self.conn.execute(
             "SELECT contributor, items, failed FROM contributors ORDER BY items DESC"
@@ -237,21 +232,30 @@ class StateDB:
 
     # -- compaction -----------------------------------------------------------------------
     def journal_size(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0])
+        """Items (not records) waiting in the journal."""
+        return int(self.conn.execute("SELECT COALESCE(SUM(items), 0) FROM journal").fetchone()[0])
 
-    def journal_batch(self, limit: int) -> list[tuple[int, bytes]]:
-        return self.conn.execute(
-            "SELECT item_id, row FROM journal ORDER BY item_id LIMIT ?", (limit,)
-        ).fetchall()
+    def journal_batch(self, max_items: int) -> tuple[list[bytes], int, int]:
+        """The oldest records up to about ``max_items`` items: (records, items, last seq)."""
+        records: list[bytes] = []
+        items = last = 0
+        for seq, count, record in self.conn.execute(
+            "SELECT seq, items, record FROM journal ORDER BY seq"
+        ):
+            records.append(record)
+            items += count
+            last = seq
+            if items >= max_items:
+                break
+        return records, items, last
 
-    def record_part(self, name: str, item_ids: Sequence[int]) -> None:
-        """The part file is on disk: record it and drop its rows from the journal, atomically."""
+    def record_part(self, name: str, rows: int, last_seq: int) -> None:
+        """The part file is on disk: record it and drop its records from the journal, atomically."""
         with self._transaction():
             self.conn.execute(
-                "INSERT INTO parts(name, rows, created) VALUES(?,?,?)",
-                (name, len(item_ids), time.time()),
+                "INSERT INTO parts(name, rows, created) VALUES(?,?,?)", (name, rows, time.time())
             )
-            self.conn.executemany("DELETE FROM journal WHERE item_id=?", ((i,) for i in item_ids))
+            self.conn.execute("DELETE FROM journal WHERE seq <= ?", (last_seq,))
 
     def part_names(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT name FROM parts")}

@@ -1,9 +1,10 @@
 """The caption store: an asyncio facade over the state database and the Parquet parts.
 
-All database work runs on one dedicated thread, so the event loop never blocks on an fsync
+All database writes run on one dedicated thread, so the event loop never blocks on an fsync
 and SQLite sees a single writer. Results are group-committed: whatever arrived while the
 previous transaction was running goes into the next one, and every submitter is answered
-when its rows are durable.
+when its rows are durable. Compaction (decode, build columns, write Parquet) runs on a
+second thread, and is never interrupted half-way: a part is always written *and* recorded.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from caption_flow.storage.parts import next_part_seq, part_name, remove_unrecorded, write_part
-from caption_flow.storage.rows import decode_row, rows_to_table
-from caption_flow.storage.state import ChunkState, JournalEntry, StateDB
+from caption_flow.storage.rows import decode_record, records_to_table
+from caption_flow.storage.state import ChunkState, JournalBatch, StateDB
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+_Pending = tuple[list[JournalBatch], list[ChunkState], "asyncio.Future[None]"]
 
 
 class CaptionStore:
@@ -31,7 +34,7 @@ class CaptionStore:
         data_dir: Path,
         compact_rows: int = 50_000,
         compact_seconds: float = 10.0,
-        group_commit_ms: float = 5.0,
+        group_commit_ms: float = 0.0,
     ) -> None:
         self.data_dir = data_dir
         self.parts_dir = data_dir / "captions"
@@ -41,12 +44,10 @@ class CaptionStore:
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-db")
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-parquet")
         self.db = StateDB(data_dir / "state.db")
-        self._queue: asyncio.Queue[
-            tuple[list[JournalEntry], list[ChunkState], asyncio.Future[None]]
-        ]
-        self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-db-read")
-        self._reader: StateDB | None = None
+        self.reader = StateDB(data_dir / "state.db", read_only=True)
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._compact_lock = asyncio.Lock()
         self._journal_rows = 0
         self._oldest_unflushed: float | None = None
         self.committed_rows = 0
@@ -71,48 +72,46 @@ class CaptionStore:
             len(recorded),
             len(removed),
         )
-        self._queue = asyncio.Queue()
         self._tasks = [
             asyncio.create_task(self._writer(), name="store-writer"),
             asyncio.create_task(self._compactor(), name="store-compactor"),
         ]
 
     async def commit(
-        self, entries: Sequence[JournalEntry] = (), chunk_states: Sequence[ChunkState] = ()
+        self, batches: Sequence[JournalBatch] = (), chunk_states: Sequence[ChunkState] = ()
     ) -> None:
-        """Return once ``entries`` and ``chunk_states`` are durable (group-committed)."""
+        """Return once ``batches`` and ``chunk_states`` are durable (group-committed)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put((list(entries), list(chunk_states), future))
+        self._queue.put_nowait((list(batches), list(chunk_states), future))
         await future
 
-    async def read_keys(self, first: int, last: int) -> dict[int, str]:
-        """Item keys by id, read on a second connection (keys never change once written)."""
-        if self._reader is None:
-            self._reader = StateDB(self.data_dir / "state.db", read_only=True)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reader_thread, self._reader.item_keys, first, last)
+    def read_keys(self, first: int, last: int) -> dict[int, str]:
+        """Item keys by id. Read on the caller's thread from a read-only connection: keys never
+        change once written, and an indexed range read is cheaper than a thread hop."""
+        return self.reader.item_keys(first, last)
 
     async def _writer(self) -> None:
         while True:
-            first = await self._queue.get()
+            group = [await self._queue.get()]
             if self.group_commit_s:
                 await asyncio.sleep(self.group_commit_s)
-            group = [first]
             while not self._queue.empty():
                 group.append(self._queue.get_nowait())
-            entries = [e for g in group for e in g[0]]
+            batches = [b for g in group for b in g[0]]
             states = [c for g in group for c in g[1]]
             try:
-                await self.run_db(self.db.commit, entries, states)
+                # Shielded: once handed to the database thread, a commit always completes.
+                await asyncio.shield(self.run_db(self.db.commit, batches, states))
             except Exception as exc:
-                log.exception("commit of %d rows failed", len(entries))
+                log.exception("commit of %d records failed", len(batches))
                 for _, _, fut in group:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            self.committed_rows += len(entries)
-            self._journal_rows += len(entries)
-            if self._oldest_unflushed is None and entries:
+            rows = sum(len(b.item_ids) for b in batches)
+            self.committed_rows += rows
+            self._journal_rows += rows
+            if self._oldest_unflushed is None and rows:
                 self._oldest_unflushed = time.monotonic()
             for _, _, fut in group:
                 if not fut.done():
@@ -127,29 +126,39 @@ class CaptionStore:
             )
             if due:
                 try:
-                    await self.compact()
+                    # Shielded so that stopping never leaves a written but unrecorded part.
+                    await asyncio.shield(self.compact(until_empty=False))
+                except asyncio.CancelledError:
+                    raise
                 except Exception:
                     log.exception("compaction failed; rows stay in the journal")
 
-    async def compact(self) -> int:
-        """Move journal rows to Parquet parts until the journal is empty. Returns rows moved."""
+    async def compact(self, until_empty: bool = True) -> int:
+        """Move journal records to Parquet parts. Returns the rows moved."""
         moved = 0
-        while True:
-            batch = await self.run_db(self.db.journal_batch, max(self.compact_rows, 1))
-            if not batch:
-                break
-            rows = [decode_row(blob) for _, blob in batch]
-            fields = sorted({f for r in rows for f in r.outputs})
-            name = part_name(next_part_seq(self.parts_dir))
-            table = rows_to_table(rows, fields)
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._io_thread, write_part, self.parts_dir, name, table)
-            await self.run_db(self.db.record_part, name, [i for i, _ in batch])
-            moved += len(batch)
-            self._journal_rows = max(0, self._journal_rows - len(batch))
-            log.info("wrote %s (%d rows)", name, len(batch))
-        self._oldest_unflushed = None
+        async with self._compact_lock:
+            while True:
+                records, rows, last_seq = await self.run_db(
+                    self.db.journal_batch, self.compact_rows
+                )
+                if not records:
+                    self._oldest_unflushed = None
+                    break
+                name = part_name(next_part_seq(self.parts_dir))
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._io_thread, self._write, name, records)
+                await self.run_db(self.db.record_part, name, rows, last_seq)
+                moved += rows
+                self._journal_rows = max(0, self._journal_rows - rows)
+                self._oldest_unflushed = time.monotonic() if self._journal_rows else None
+                log.info("wrote %s (%d rows)", name, rows)
+                if not until_empty:
+                    break
         return moved
+
+    def _write(self, name: str, records: list[bytes]) -> None:
+        table = records_to_table(decode_record(r) for r in records)
+        write_part(self.parts_dir, name, table)
 
     async def close(self, flush: bool = True) -> None:
         """Stop the tasks; with ``flush``, move the journal to Parquet first."""
@@ -160,11 +169,11 @@ class CaptionStore:
                 await task
         self._tasks = []
         if flush:
-            await self.compact()
+            await self.compact()  # waits for a compaction in progress (the lock)
+        else:
+            async with self._compact_lock:
+                pass
         await self.run_db(self.db.close)
-        if self._reader is not None:
-            reader = self._reader
-            await asyncio.get_running_loop().run_in_executor(self._reader_thread, reader.close)
-        self._reader_thread.shutdown(wait=True)
+        self.reader.close()
         self._db_thread.shutdown(wait=True)
         self._io_thread.shutdown(wait=True)
