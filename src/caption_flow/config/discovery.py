@@ -84,3 +84,14 @@ def apply_overrides(config: M, overrides: dict[str, Any], source: str = "command
             node = node.setdefault(part, {})
         node[leaf] = value
     return validate(type(config), data, source)
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch`` laid over it; nested mappings merge key by key."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

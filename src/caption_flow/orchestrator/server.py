@@ -20,6 +20,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.asyncio.server import ServerConnection as WSConnection
 from websockets.exceptions import ConnectionClosed
 
+from caption_flow.config.discovery import deep_merge
 from caption_flow.config.models import DatasetConfig, ModelConfig, OrchestratorConfig
 from caption_flow.errors import ConfigError, NotLeasedError, ProtocolError
 from caption_flow.orchestrator.auth import Authenticator
@@ -314,7 +315,7 @@ class Orchestrator:
 
     async def update_job(self, patch: dict[str, Any]) -> ModelConfig:
         """Merge a partial ``vllm`` section, validate it, and push it to every worker."""
-        merged = _deep_merge(self.job.model_dump(mode="python"), patch)
+        merged = deep_merge(self.job.model_dump(mode="python"), patch)
         try:
             job = ModelConfig.model_validate(merged)
         except Exception as exc:
@@ -388,13 +389,3 @@ class Orchestrator:
             "model": self.job.model,
             "prompts": list(self.job.inference_prompts),
         }
-
-
-def _deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -104,8 +104,9 @@ def id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
 
 
 class StateDB:
-    def __init__(self, path: Path, synchronous: str = "FULL", read_only: bool = False) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
+        self._synchronous = ""
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -113,12 +114,17 @@ class StateDB:
                 self.conn.execute("PRAGMA query_only=1")
                 return
             self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._set_synchronous("FULL")
             self.conn.execute("PRAGMA busy_timeout=5000")
             self.conn.executescript(_SCHEMA)
             self._check_version()
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open state database {path}: {exc}") from exc
+
+    def _set_synchronous(self, level: str) -> None:
+        if level != self._synchronous:
+            self.conn.execute(f"PRAGMA synchronous={level}")
+            self._synchronous = level
 
     def _check_version(self) -> None:
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -195,6 +201,10 @@ class StateDB:
         The caller (the orchestrator's chunk book, the only writer) passes only items that
         are not done yet; that is what makes a resend after a lost ack write nothing twice.
         """
+        # Results are fsynced before they are acknowledged. A group of lease changes alone is
+        # not: in WAL mode it survives a killed process, and the next results commit fsyncs
+        # it too. A lease lost to a power cut only means a chunk is leased again.
+        self._set_synchronous("FULL" if batches else "NORMAL")
         now = time.time()
         per_contributor: dict[str, list[int]] = {}
         for b in batches:
