@@ -133,6 +133,12 @@ async def test_job_update_reaches_running_workers_without_reload(
         while orch.snapshot()["items_done"] < target:
             await asyncio.sleep(0.05)
         engines_after = list(worker.captioner.engines.values())
+        # Heartbeats (every second in these tests) report the engine's figures.
+        while not task.done() and not any("engine_busy" in s.stats for s in orch.sessions.values()):
+            await asyncio.sleep(0.05)
+        stats = next((s.stats for s in orch.sessions.values() if "engine_busy" in s.stats), None)
+        assert stats is not None, "no heartbeat with the engine's figures arrived"
+        assert 0.0 < stats["engine_busy"] <= 1.0 and stats["items_per_s"] >= 0.0
         await asyncio.wait_for(task, 120 * TIME_UNIT)
     finally:
         await orch.stop()
