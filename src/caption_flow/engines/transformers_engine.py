@@ -19,6 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from caption_flow.config.models import SamplingConfig
 from caption_flow.engines.base import EngineSpec, Generation, GenerationRequest
+from caption_flow.engines.chat import format_prompt
 from caption_flow.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,6 @@ def engine_error(action: str, exc: BaseException) -> EngineError:
 
 
 # The vLLM engine imported these under their first, private names.
-_model_location = model_location
-_engine_error = engine_error
 
 
 class _StopStrings(StoppingCriteria):
@@ -160,15 +159,6 @@ class TransformersEngine:
             ids.add(int(self.tokenizer.eos_token_id))
         return ids
 
-    def _prompt_text(self, prompt: str) -> str:
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-        ]
-        text: str = self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return text
-
     def _generation_kwargs(self, sampling: SamplingConfig) -> dict[str, Any]:
         """Our sampling settings as generate() arguments; temperature 0 means greedy."""
         kwargs: dict[str, Any] = {
@@ -205,7 +195,7 @@ class TransformersEngine:
         if not requests:
             return []
         try:
-            texts = [self._prompt_text(r.prompt) for r in requests]
+            texts = [format_prompt(self.processor, r.prompt) for r in requests]
             inputs = self.processor(
                 text=texts,
                 images=[r.image for r in requests],

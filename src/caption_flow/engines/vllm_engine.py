@@ -15,6 +15,7 @@ from typing import Any
 
 from caption_flow.config.models import SamplingConfig
 from caption_flow.engines.base import EngineSpec, Generation, GenerationRequest
+from caption_flow.engines.chat import format_prompt
 from caption_flow.engines.transformers_engine import engine_error, model_location
 from caption_flow.errors import EngineError
 
@@ -22,27 +23,6 @@ logger = logging.getLogger(__name__)
 
 #: We only ever send images: other modalities get no memory budget unless the spec asks.
 _UNUSED_MODALITIES = {"video": 0, "audio": 0}
-
-
-def chat_messages(prompt: str) -> list[dict[str, Any]]:
-    """One user turn, image first: the layout VLM chat templates expect, and one that lets
-    several prompts about the same image share its tokens through vLLM's prefix cache."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-
-
-def format_prompt(processor: Any, prompt: str) -> str:
-    """``prompt`` in the model's own chat template (the processor's, else its tokenizer's)."""
-    messages = chat_messages(prompt)
-    if getattr(processor, "chat_template", None):
-        text: str = processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return text
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text
-    raise EngineError("the model has no chat template; captionflow needs one to place the image")
 
 
 def engine_args(spec: EngineSpec, platform_device: str = "cuda") -> dict[str, Any]:

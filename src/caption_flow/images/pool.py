@@ -9,7 +9,6 @@ to a few cores does not oversubscribe them).
 from __future__ import annotations
 
 import asyncio
-import collections
 import math
 import os
 import time
@@ -23,6 +22,7 @@ from PIL import Image
 from caption_flow.config.models import ImageConfig
 from caption_flow.errors import ImageError
 from caption_flow.images.decode import decode_image
+from caption_flow.ordered import bounded_in_order
 
 
 def usable_cores() -> int:
@@ -92,17 +92,7 @@ class DecodePool:
         """Decode a stream in order with at most ``window`` images in flight (default:
         twice the threads), so a fast reader never fills memory with decoded pixels."""
         limit = window if window > 0 else 2 * self.threads
-        pending: collections.deque[Future[DecodedImage]] = collections.deque()
-        try:
-            for data in datas:
-                pending.append(self.submit(data))
-                if len(pending) >= limit:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        return bounded_in_order(self.submit, datas, limit)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -6,10 +6,11 @@ not yet consumed, so a slow consumer bounds memory and a slow call delays only i
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+from caption_flow.ordered import bounded_in_order
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,15 +25,5 @@ def ordered_map(
         yield from map(fn, items)
         return
     limit = max(window, concurrency)
-    pending: collections.deque[Future[R]] = collections.deque()
     with ThreadPoolExecutor(concurrency, thread_name_prefix="source-io") as executor:
-        try:
-            for item in items:
-                pending.append(executor.submit(fn, item))
-                if len(pending) >= limit:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        yield from bounded_in_order(lambda item: executor.submit(fn, item), items, limit)

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import random
 import ssl
 import time
@@ -22,9 +21,10 @@ from websockets.asyncio.client import ClientConnection as WSClient
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from caption_flow.config.models import DatasetConfig, ModelConfig, WorkerConfig
+from caption_flow.config.models import DatasetConfig, ImageConfig, ModelConfig, WorkerConfig
 from caption_flow.engines.captioner import Captioner
 from caption_flow.errors import AuthError, ProtocolError
+from caption_flow.images.pool import DecodePool
 from caption_flow.protocol.connection import CLOSE_BAD_TOKEN, ClientConnection
 from caption_flow.protocol.messages import (
     Ack,
@@ -73,8 +73,7 @@ class Worker:
         self._ready = asyncio.Event()  # a job has been received
         self._want_work = asyncio.Event()
         self._want_work.set()
-        threads = config.decode_threads or (os.cpu_count() or 2)
-        self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="captionflow-decode")
+        self._decode_pool = DecodePool(ImageConfig(), threads=config.decode_threads)
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-engine")
 
     # -- life cycle -------------------------------------------------------------------------
@@ -86,7 +85,7 @@ class Worker:
         finally:
             processing.cancel()
             await asyncio.gather(processing, return_exceptions=True)
-            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool.close()
             self._engine_thread.shutdown(wait=True)
             self.captioner.close()
 

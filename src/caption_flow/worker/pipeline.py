@@ -14,11 +14,10 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from caption_flow.config.models import ImageConfig, ModelConfig
+from caption_flow.config.models import ModelConfig
 from caption_flow.engines.base import CaptionInput
 from caption_flow.engines.captioner import Captioner
-from caption_flow.errors import ImageError
-from caption_flow.images.decode import decode_image
+from caption_flow.images.pool import DecodedImage, DecodePool
 from caption_flow.protocol.messages import ChunkLease, ItemResult
 from caption_flow.sources.base import Source, SourceItem
 
@@ -51,30 +50,12 @@ class EngineClock:
         return self.busy_s / max(time.monotonic() - self.started, 1e-6)
 
 
-def _decode(item: SourceItem, item_id: int, image_config: ImageConfig) -> Decoded:
-    started = time.monotonic()
-    if item.error is not None or item.data is None:
-        return Decoded(item_id, item.key, started, error=item.error or "no image data")
-    try:
-        image, width, height = decode_image(item.data, image_config)
-    except ImageError as exc:
-        return Decoded(item_id, item.key, started, error=str(exc))
-    return Decoded(
-        item_id,
-        item.key,
-        started,
-        caption_input=CaptionInput(key=item.key, image=image, columns=item.columns),
-        width=width,
-        height=height,
-    )
-
-
 class ChunkPipeline:
     def __init__(
         self,
         source: Source,
         captioner: Captioner,
-        decode_pool: Executor,
+        decode_pool: DecodePool,
         engine_thread: Executor,
         clock: EngineClock,
     ) -> None:
@@ -127,16 +108,17 @@ class ChunkPipeline:
                 if not raw:
                     break
                 position += len(raw)
-                image_config = job().image
-                decoded = await asyncio.gather(
-                    *(
-                        loop.run_in_executor(
-                            self.decode_pool, _decode, item, ids.get(item.key, -1), image_config
-                        )
-                        for item in raw
-                    )
+                self.decode_pool.config = job().image
+                started = time.monotonic()
+                images = await self.decode_pool.decode_batch(
+                    [item.data if item.error is None else None for item in raw]
                 )
-                await out.put(list(decoded))
+                await out.put(
+                    [
+                        _decoded(item, ids.get(item.key, -1), image, started)
+                        for item, image in zip(raw, images, strict=True)
+                    ]
+                )
         except Exception:
             log.exception("reading chunk %s failed", chunk.chunk_id)
         finally:
@@ -175,6 +157,20 @@ class ChunkPipeline:
             )
         self.clock.items += len(results)
         return results
+
+
+def _decoded(item: SourceItem, item_id: int, image: DecodedImage, started: float) -> Decoded:
+    """Join what the source and the decoder said about one item."""
+    if item.error is not None or image.image is None:
+        return Decoded(item_id, item.key, started, error=item.error or image.error)
+    return Decoded(
+        item_id,
+        item.key,
+        started,
+        caption_input=CaptionInput(key=item.key, image=image.image, columns=item.columns),
+        width=image.width,
+        height=image.height,
+    )
 
 
 def _take(reader: Iterator[SourceItem], count: int) -> list[SourceItem]:
