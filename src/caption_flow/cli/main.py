@@ -27,7 +27,11 @@ def _setup_logging(verbose: int) -> None:
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
     )
-    logging.getLogger("caption_flow").setLevel(min(level, logging.INFO))
+    # Services log their status lines by default; run and demo show a progress bar instead.
+    service = any(a in sys.argv[1:] for a in ("orchestrator", "worker"))
+    logging.getLogger("caption_flow").setLevel(
+        min(level, logging.INFO) if verbose or service else logging.WARNING
+    )
     for noisy in ("websockets", "transformers", "httpx", "filelock", "vllm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -205,21 +205,9 @@ class StateDB:
         # not: in WAL mode it survives a killed process, and the next results commit fsyncs
         # it too. A lease lost to a power cut only means a chunk is leased again.
         self._set_synchronous("FULL" if batches else "NORMAL")
-        now = time.time()
-        per_contributor: dict[str, list[int]] = {}
-        for b in batches:
-            counts = per_contributor.setdefault(b.contributor, [0, 0])
-            counts[0] += len(b.item_ids)
-            counts[1] += b.failed
         with self._transaction():
-            self.conn.executemany(
-                "INSERT INTO journal(items, record) VALUES(?, ?)",
-                ((len(b.item_ids), b.record) for b in batches if b.item_ids),
-            )
-            self.conn.executemany(
-                "UPDATE items SET done=1 WHERE item_id BETWEEN ? AND ?",
-                id_runs(i for b in batches for i in b.item_ids),
-            )
+            if batches:
+                self._write_batches(batches)
             self.conn.executemany(
                 "UPDATE chunks SET status=?, attempts=?, reason=?, holder=?, deadline=? "
                 "WHERE chunk_id=?",
@@ -228,12 +216,28 @@ class StateDB:
                     for s in states
                 ),
             )
-            self.conn.executemany(
-                "INSERT INTO contributors(contributor, items, failed, first_seen, last_seen) "
-                "VALUES(?,?,?,?,?) ON CONFLICT(contributor) DO UPDATE SET "
-                "items=items+excluded.items, failed=failed+excluded.failed, last_seen=?",
-                ((c, n, f, now, now, now) for c, (n, f) in per_contributor.items()),
-            )
+
+    def _write_batches(self, batches: Sequence[JournalBatch]) -> None:
+        now = time.time()
+        per_contributor: dict[str, list[int]] = {}
+        for b in batches:
+            counts = per_contributor.setdefault(b.contributor, [0, 0])
+            counts[0] += len(b.item_ids)
+            counts[1] += b.failed
+        self.conn.executemany(
+            "INSERT INTO journal(items, record) VALUES(?, ?)",
+            ((len(b.item_ids), b.record) for b in batches if b.item_ids),
+        )
+        self.conn.executemany(
+            "UPDATE items SET done=1 WHERE item_id BETWEEN ? AND ?",
+            id_runs(i for b in batches for i in b.item_ids),
+        )
+        self.conn.executemany(
+            "INSERT INTO contributors(contributor, items, failed, first_seen, last_seen) "
+            "VALUES(?,?,?,?,?) ON CONFLICT(contributor) DO UPDATE SET "
+            "items=items+excluded.items, failed=failed+excluded.failed, last_seen=?",
+            ((c, n, f, now, now, now) for c, (n, f) in per_contributor.items()),
+        )
 
     def contributors(self) -> list[tuple[str, int, int]]:
         return self.conn.execute(

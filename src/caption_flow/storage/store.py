@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _Pending = tuple[list[JournalBatch], list[ChunkState], "asyncio.Future[None]"]
+
+# Item keys read per range read when leasing (see CaptionStore.read_keys).
+KEY_READ_AHEAD = 4096
 
 
 class CaptionStore:
@@ -45,7 +48,10 @@ class CaptionStore:
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-parquet")
         self.db = StateDB(data_dir / "state.db")
         self.reader = StateDB(data_dir / "state.db", read_only=True)
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._waiting: list[_Pending] = []
+        self._in_flight: Future[None] | None = None
+        self._delayed = False
+        self._keys: dict[int, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._compact_lock = asyncio.Lock()
         self._journal_rows = 0
@@ -72,50 +78,71 @@ class CaptionStore:
             len(recorded),
             len(removed),
         )
-        self._tasks = [
-            asyncio.create_task(self._writer(), name="store-writer"),
-            asyncio.create_task(self._compactor(), name="store-compactor"),
-        ]
+        self._tasks = [asyncio.create_task(self._compactor(), name="store-compactor")]
 
     async def commit(
         self, batches: Sequence[JournalBatch] = (), chunk_states: Sequence[ChunkState] = ()
     ) -> None:
         """Return once ``batches`` and ``chunk_states`` are durable (group-committed)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((list(batches), list(chunk_states), future))
+        self._waiting.append((list(batches), list(chunk_states), future))
+        if self._in_flight is None and not self._delayed:
+            if self.group_commit_s:
+                self._delayed = True
+                asyncio.get_running_loop().call_later(self.group_commit_s, self._start_commit)
+            else:
+                self._start_commit()
         await future
 
-    def read_keys(self, first: int, last: int) -> dict[int, str]:
-        """Item keys by id. Read on the caller's thread from a read-only connection: keys never
-        change once written, and an indexed range read is cheaper than a thread hop."""
-        return self.reader.item_keys(first, last)
+    def _start_commit(self) -> None:
+        """Hand everything waiting to the database thread as one transaction. Driven by
+        callbacks rather than a task, so a group costs one thread round trip and no extra
+        event-loop wake-ups."""
+        self._delayed = False
+        if self._in_flight is not None or not self._waiting:
+            return
+        group, self._waiting = self._waiting, []
+        batches = [b for g in group for b in g[0]]
+        states = [c for g in group for c in g[1]]
+        loop = asyncio.get_running_loop()
+        done = self._db_thread.submit(self.db.commit, batches, states)
+        self._in_flight = done
+        done.add_done_callback(
+            lambda f: loop.call_soon_threadsafe(self._commit_done, group, batches, f)
+        )
 
-    async def _writer(self) -> None:
-        while True:
-            group = [await self._queue.get()]
-            if self.group_commit_s:
-                await asyncio.sleep(self.group_commit_s)
-            while not self._queue.empty():
-                group.append(self._queue.get_nowait())
-            batches = [b for g in group for b in g[0]]
-            states = [c for g in group for c in g[1]]
-            try:
-                # Shielded: once handed to the database thread, a commit always completes.
-                await asyncio.shield(self.run_db(self.db.commit, batches, states))
-            except Exception as exc:
-                log.exception("commit of %d records failed", len(batches))
-                for _, _, fut in group:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
+    def _commit_done(
+        self, group: list[_Pending], batches: list[JournalBatch], done: Future[None]
+    ) -> None:
+        self._in_flight = None
+        exc = done.exception()
+        if exc is not None:
+            log.error("commit of %d records failed: %s", len(batches), exc)
+        else:
             rows = sum(len(b.item_ids) for b in batches)
             self.committed_rows += rows
             self._journal_rows += rows
             if self._oldest_unflushed is None and rows:
                 self._oldest_unflushed = time.monotonic()
-            for _, _, fut in group:
-                if not fut.done():
-                    fut.set_result(None)
+        for _, _, fut in group:
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(None)
+        if self._waiting:
+            self._start_commit()
+
+    def read_keys(self, first: int, last: int) -> dict[int, str]:
+        """Item keys by id, from a read-only connection on the caller's thread (keys never
+        change once written). Reads ahead: chunks are leased mostly in id order, so one
+        indexed range read serves the next leases too."""
+        if first not in self._keys or last not in self._keys:
+            if len(self._keys) > 4 * KEY_READ_AHEAD:
+                self._keys.clear()
+            self._keys.update(self.reader.item_keys(first, max(last, first + KEY_READ_AHEAD)))
+        return {i: self._keys.pop(i) for i in range(first, last + 1) if i in self._keys}
 
     async def _compactor(self) -> None:
         while True:
@@ -168,6 +195,8 @@ class CaptionStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._in_flight is not None:  # a commit handed to the database thread completes
+            await asyncio.wrap_future(self._in_flight)
         if flush:
             await self.compact()  # waits for a compaction in progress (the lock)
         else:
