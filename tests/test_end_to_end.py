@@ -148,3 +148,27 @@ async def test_job_update_reaches_running_workers_without_reload(
     per_row = collections.Counter(len(r["captions"]) for r in rows)
     assert per_row[2] >= 2 and per_row[1] >= 1, per_row
     assert sum(per_row.values()) == 12
+
+
+async def test_a_worker_whose_model_cannot_load_hands_its_chunks_back_and_stops(
+    tmp_path: Path, image_folder
+) -> None:
+    from caption_flow.errors import EngineError
+
+    images = image_folder(4)
+    config = orchestrator_config(
+        tmp_path / "data", images[0].parent, tmp_path / "no-such-model", chunk_size=2
+    )
+    orch = Orchestrator(config)
+    await orch.start()
+    try:
+        worker = Worker(worker_config(orch.port, "alice"))
+        with pytest.raises(EngineError):
+            await asyncio.wait_for(worker.run(), 60 * TIME_UNIT)
+        for _ in range(100):  # the release is processed after the worker's last frame
+            if orch.snapshot()["chunks"]["leased"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert orch.snapshot()["chunks"] == {"pending": 2, "leased": 0, "done": 0, "failed": 0}
+    finally:
+        await orch.stop()

@@ -65,6 +65,7 @@ class Worker:
         self.source: Source | None = None
         self.clock = EngineClock()
         self.lease_seconds = float("inf")
+        self.fatal: Exception | None = None  # why processing stopped for good, if it did
         self.session_id: str | None = None
         self.finished = asyncio.Event()  # the orchestrator has no more work for anyone
         self.stopped = asyncio.Event()
@@ -85,19 +86,24 @@ class Worker:
         finally:
             processing.cancel()
             await asyncio.gather(processing, return_exceptions=True)
+            if self._closing is not None:
+                await asyncio.gather(self._closing, return_exceptions=True)
             self._decode_pool.close()
             self._engine_thread.shutdown(wait=True)
             self.captioner.close()
+        if self.fatal is not None:
+            raise self.fatal
 
     def stop(self) -> None:
         """Stop cleanly: hand held chunks back so others get them at once, then close."""
         self.stopped.set()
         if self._ws is not None:
-            self._closing = asyncio.ensure_future(self._release_and_close(self._ws))
+            held = self._held_chunks()  # now, before the pipeline lets go of its chunk
+            self._closing = asyncio.ensure_future(self._release_and_close(self._ws, held))
 
-    async def _release_and_close(self, ws: WSClient) -> None:
+    async def _release_and_close(self, ws: WSClient, held: list[str]) -> None:
         with contextlib.suppress(ConnectionClosed):
-            for chunk_id in self._held_chunks():
+            for chunk_id in held:
                 await ws.send(encode(Release(chunk_id=chunk_id)))
         await ws.close()
 
@@ -291,6 +297,13 @@ class Worker:
                     emit=self._emit,
                     abandoned=functools.partial(self.abandoned.__contains__, chunk.chunk_id),
                 )
+            except Exception as exc:
+                # The engine cannot run this job (a model that does not load, an invalid
+                # stage graph, or a bug): never sit on leases it cannot finish.
+                log.error("cannot caption: %s; handing chunks back and stopping", exc)
+                self.fatal = exc
+                self.stop()
+                return
             finally:
                 self.current = None
                 self._want_work.set()
