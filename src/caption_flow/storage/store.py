@@ -87,11 +87,14 @@ class CaptionStore:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((list(batches), list(chunk_states), future))
         if self._in_flight is None and not self._delayed:
+            # Start on the next loop turn at the earliest, so that every message already read
+            # in this one joins the group.
+            self._delayed = True
+            loop = asyncio.get_running_loop()
             if self.group_commit_s:
-                self._delayed = True
-                asyncio.get_running_loop().call_later(self.group_commit_s, self._start_commit)
+                loop.call_later(self.group_commit_s, self._start_commit)
             else:
-                self._start_commit()
+                loop.call_soon(self._start_commit)
         await future
 
     def _start_commit(self) -> None:
