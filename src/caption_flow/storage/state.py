@@ -274,9 +274,6 @@ class StateDB:
     def part_names(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT name FROM parts")}
 
-    def drop_part(self, name: str) -> None:
-        self.conn.execute("DELETE FROM parts WHERE name=?", (name,))
-
     # -- helpers --------------------------------------------------------------------------
     def _transaction(self) -> _Transaction:
         return _Transaction(self.conn)
