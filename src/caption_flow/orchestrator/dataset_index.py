@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from caption_flow.orchestrator.leases import ChunkBook
 from caption_flow.sources.base import ShardListing
@@ -26,7 +26,6 @@ def sync_chunks(
     db: StateDB,
     listings: Iterable[ShardListing],
     chunk_size: int,
-    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Append chunks for keys not yet in the database. Returns how many items were added."""
     added = 0
@@ -42,8 +41,6 @@ def sync_chunks(
                 seq += 1
             db.add_chunks(chunks)
             added += len(fresh)
-        if progress is not None:
-            progress(len(listing.keys))
     return added
 
 

@@ -220,16 +220,22 @@ class Orchestrator:
         if not leases:
             await session.send(Assign(finished=self.book.finished, retry_after=1.0))
             return
-        chunks = [await self._chunk_payload(lease) for lease in leases]
+        chunks = [self._chunk_payload(lease) for lease in leases]
         await self.store.commit(chunk_states=[self._state(c.chunk_id) for c in chunks])
         await session.send(Assign(chunks=chunks))
 
-    async def _chunk_payload(self, lease: Lease) -> ChunkLease:
+    def _keys_for(self, lease: Lease) -> dict[int, str]:
+        """The leased items' keys, kept while the chunk is leased: result rows take their keys
+        from here, never from what a worker sends."""
         keys = self._lease_keys.get(lease.chunk_id)
-        if keys is None and lease.item_ids:
-            keys = self.store.read_keys(lease.item_ids[0], lease.item_ids[-1])
+        if keys is None:
+            ids = lease.item_ids
+            keys = self.store.read_keys(ids[0], ids[-1]) if ids else {}
             self._lease_keys[lease.chunk_id] = keys
-        keys = keys or {}
+        return keys
+
+    def _chunk_payload(self, lease: Lease) -> ChunkLease:
+        keys = self._keys_for(lease)
         return ChunkLease(
             chunk_id=lease.chunk_id,
             shard=lease.shard,
@@ -245,7 +251,7 @@ class Orchestrator:
         for chunk_id in held:
             lease = self.book.claim(session.session_id, chunk_id, time.time(), self.sessions)
             if lease is not None:
-                await self._chunk_payload(lease)
+                self._keys_for(lease)
                 resumed.append(chunk_id)
         if resumed:
             await self.store.commit(chunk_states=[self._state(c) for c in resumed])
