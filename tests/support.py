@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ from caption_flow.config.models import (
     TokenEntry,
     WorkerConfig,
 )
+from caption_flow.orchestrator.server import Orchestrator
+from caption_flow.worker.client import Worker
 
 # One scaled unit for every wait in the tests: a slow machine changes this number only.
 TIME_UNIT = float(os.environ.get("CAPTIONFLOW_TEST_TIME_UNIT", "1.0"))
@@ -81,3 +85,20 @@ def read_rows(data_dir: Path) -> list[dict[str, Any]]:
     if not files:
         return []
     return ds.dataset(files, format="parquet").to_table().to_pylist()
+
+
+async def caption_all(
+    config: OrchestratorConfig, names: Sequence[str] = ("alice",), **worker_kw: Any
+) -> tuple[list[Worker], dict[str, Any]]:
+    """Start an orchestrator, run workers until the dataset is done, stop it.
+
+    Returns the workers and the orchestrator's last snapshot.
+    """
+    orch = Orchestrator(config)
+    await orch.start()
+    try:
+        workers = [Worker(worker_config(orch.port, name, **worker_kw)) for name in names]
+        await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)), timeout=180 * TIME_UNIT)
+        return workers, orch.snapshot()
+    finally:
+        await orch.stop()

@@ -8,7 +8,14 @@ import collections
 from pathlib import Path
 
 import pytest
-from support import PROMPTS, TIME_UNIT, orchestrator_config, read_rows, worker_config
+from support import (
+    PROMPTS,
+    TIME_UNIT,
+    caption_all,
+    orchestrator_config,
+    read_rows,
+    worker_config,
+)
 
 from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.storage.state import StateDB
@@ -17,24 +24,12 @@ from caption_flow.worker.client import Worker
 pytestmark = pytest.mark.timeout(240)
 
 
-async def run_workers(orch: Orchestrator, names: list[str], **worker_kw: object) -> list[Worker]:
-    workers = [Worker(worker_config(orch.port, name, **worker_kw)) for name in names]
-    await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)), timeout=180 * TIME_UNIT)
-    return workers
-
-
 async def test_two_workers_caption_every_item_exactly_once(
     tmp_path: Path, tiny_model_dir: Path, image_folder
 ) -> None:
     images = image_folder(23)
     config = orchestrator_config(tmp_path / "data", images[0].parent, tiny_model_dir)
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
-        await run_workers(orch, ["alice", "bob"])
-        snapshot = orch.snapshot()
-    finally:
-        await orch.stop()
+    _, snapshot = await caption_all(config, ["alice", "bob"])
 
     rows = read_rows(tmp_path / "data")
     keys = collections.Counter(r["item_key"] for r in rows)
@@ -63,12 +58,7 @@ async def test_corrupt_and_empty_images_fail_with_a_reason_and_the_rest_goes_on(
     (folder / "empty.png").write_bytes(b"")
     (folder / "not-an-image.webp").write_bytes(b"this is text, not pixels")
     config = orchestrator_config(tmp_path / "data", folder, tiny_model_dir, chunk_size=4)
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
-        await run_workers(orch, ["alice"])
-    finally:
-        await orch.stop()
+    await caption_all(config)
     rows = {r["item_key"]: r for r in read_rows(tmp_path / "data")}
     assert len(rows) == 11
     for bad in ("broken.jpg", "empty.png", "not-an-image.webp"):
@@ -85,12 +75,7 @@ async def test_restart_resumes_and_adding_files_keeps_keys(
     images = image_folder(6)
     folder = images[0].parent
     config = orchestrator_config(tmp_path / "data", folder, tiny_model_dir, chunk_size=4)
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
-        await run_workers(orch, ["alice"])
-    finally:
-        await orch.stop()
+    await caption_all(config)
     first = {r["item_key"]: r["chunk_id"] for r in read_rows(tmp_path / "data")}
 
     more = image_folder(3, seed=1)  # new files, some sorting before the old ones
@@ -100,7 +85,9 @@ async def test_restart_resumes_and_adding_files_keeps_keys(
     await orch.start()
     try:
         assert orch.snapshot()["items_done"] == 6
-        await run_workers(orch, ["bob"])
+        await asyncio.wait_for(
+            Worker(worker_config(orch.port, "bob")).run(), timeout=180 * TIME_UNIT
+        )
     finally:
         await orch.stop()
     rows = read_rows(tmp_path / "data")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from support import TIME_UNIT, orchestrator_config, read_rows, worker_config
+from support import TIME_UNIT, caption_all, orchestrator_config, read_rows, worker_config
 
 from caption_flow.config.models import DatasetConfig
 from caption_flow.orchestrator.server import Orchestrator
@@ -41,14 +41,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 async def caption(tmp_path: Path, tiny_model_dir: Path, dataset: DatasetConfig) -> list[dict]:
     config = orchestrator_config(tmp_path / "data", tmp_path, tiny_model_dir, chunk_size=3)
-    config = config.model_copy(update={"dataset": dataset})
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
-        worker = Worker(worker_config(orch.port, "alice"))
-        await asyncio.wait_for(worker.run(), timeout=180 * TIME_UNIT)
-    finally:
-        await orch.stop()
+    await caption_all(config.model_copy(update={"dataset": dataset}))
     return read_rows(tmp_path / "data")
 
 
@@ -110,13 +103,7 @@ async def test_restart_in_the_middle_of_a_shard_resumes_only_missing_items(
     assert 4 <= len(first) < 12
 
     # Second run: the re-leased chunk carries only the missing items.
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
-        bob = Worker(worker_config(orch.port, "bob"))
-        await asyncio.wait_for(bob.run(), timeout=180 * TIME_UNIT)
-    finally:
-        await orch.stop()
+    (bob,), _ = await caption_all(config, ["bob"])
     rows = read_rows(tmp_path / "data")
     counts = collections.Counter(r["item_key"] for r in rows)
     assert len(counts) == 12 and max(counts.values()) == 1
