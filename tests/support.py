@@ -102,3 +102,59 @@ async def caption_all(
         return workers, orch.snapshot()
     finally:
         await orch.stop()
+
+
+class StubEngine:
+    """An engine without a model, for what cannot happen on this machine (a GPU running out
+    of memory, a lost CUDA context). ``fail(requests)`` may raise; otherwise each request
+    gets a caption made from its prompt and image size. ``calls`` records batch sizes."""
+
+    def __init__(
+        self,
+        spec: Any,
+        fail: Any = None,
+        delay_s: float = 0.0,
+    ) -> None:
+        self.spec = spec
+        self.fail = fail
+        self.delay_s = delay_s
+        self.calls: list[int] = []
+
+    def generate(self, requests: Sequence[Any], sampling: Any) -> list[Any]:
+        import time
+
+        from caption_flow.engines.base import Generation
+
+        self.calls.append(len(requests))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail is not None:
+            self.fail(requests)
+        return [Generation(f"{r.prompt} {r.image.width}x{r.image.height}", 1) for r in requests]
+
+    def close(self) -> None:
+        pass
+
+
+def cuda_out_of_memory(requests: Sequence[Any]) -> None:
+    """Raise what the transformers engine raises when CUDA runs out of memory: torch's real
+    OutOfMemoryError, wrapped in our EngineError. Stubbed: no GPU here."""
+    import torch
+
+    from caption_flow.errors import EngineError
+
+    try:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except torch.OutOfMemoryError as exc:
+        raise EngineError(f"out of memory while generating {len(requests)} captions") from exc
+
+
+def stub_loader(engines: list[StubEngine], **kw: Any) -> Any:
+    """A Captioner ``loader`` that builds StubEngines and keeps them in ``engines``."""
+
+    def load(kind: Any, spec: Any) -> StubEngine:
+        engine = StubEngine(spec, **kw)
+        engines.append(engine)
+        return engine
+
+    return load

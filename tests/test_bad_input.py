@@ -78,8 +78,9 @@ async def test_welcome_carries_the_job_but_never_auth(orch: Orchestrator) -> Non
     async with connect(url(orch)) as ws:
         welcome = await hello(ws)
     assert welcome.contributor == "alice"
-    assert set(welcome.config) == {"vllm", "dataset", "lease_seconds"}
+    assert set(welcome.config) == {"vllm", "dataset", "lease_seconds", "heartbeat_seconds"}
     assert "secret" not in msgspec.json.encode(welcome.config).decode()
+    assert "storage_options" not in welcome.config["dataset"]  # credentials stay here
 
 
 async def test_malformed_frame_closes_only_that_connection(orch: Orchestrator) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from support import StubEngine, cuda_out_of_memory, stub_loader
 
 from caption_flow.config.models import ModelConfig, SamplingConfig, StageConfig
 from caption_flow.demo.tiny_model import generate_images
@@ -14,7 +16,7 @@ from caption_flow.engines.base import CaptionInput, GenerationRequest
 from caption_flow.engines.captioner import Captioner, job_stages
 from caption_flow.engines.prompts import placeholders, render_prompt
 from caption_flow.engines.spec import spec_from_job
-from caption_flow.errors import ConfigError, EngineError
+from caption_flow.errors import ConfigError, EngineError, EngineUnavailableError
 
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=8, repetition_penalty=1.0)
 
@@ -184,20 +186,90 @@ def test_spec_change_reloads_but_sampling_change_does_not(
     assert not captioner.engines
 
 
-def test_failing_batch_is_retried_in_halves_then_fails_items(
+def test_a_bad_image_fails_alone_on_the_real_engine(
     captioner: Captioner, tiny_model_dir: Path, images: list[Image.Image]
 ) -> None:
     sliver = Image.new("RGB", (300, 1))  # the Qwen2-VL processor refuses aspect ratios > 200
     batch = [CaptionInput(f"k{i}", im) for i, im in enumerate(images)]
     batch[1] = CaptionInput("bad", sliver)
     results = captioner.caption(batch, make_job(tiny_model_dir))
-    # One retry in halves: the half with the bad image fails, the other half succeeds.
-    for failed in results[:2]:
-        assert failed.error and "aspect ratio" in failed.error
-        assert failed.error.startswith("stage default:")
-        assert failed.outputs == {}
-    for ok in results[2:]:
+    # Bisected down to single requests: its neighbour in the same half succeeds.
+    failed = results[1]
+    assert failed.error and "aspect ratio" in failed.error
+    assert failed.error.startswith("stage default:")
+    assert failed.outputs == {}
+    for ok in results[:1] + results[2:]:
         assert ok.error is None and ok.outputs["captions"]
+
+
+# --- engine failures, on a stub engine (a GPU cannot run out of memory on this machine) -----
+
+
+class EngineDeadError(Exception):
+    """Named like vLLM's, which the captioner must recognise without importing vLLM."""
+
+
+def _raises(exc: BaseException) -> Callable[[object], None]:
+    def fail(requests: object) -> None:
+        raise exc
+
+    return fail
+
+
+def _chained(cause: BaseException) -> BaseException:
+    """An EngineError whose own text says nothing, raised from ``cause`` (as engines do)."""
+    try:
+        raise cause
+    except BaseException as inner:
+        try:
+            raise EngineError("generating 8 captions failed") from inner
+        except EngineError as outer:
+            return outer
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [
+        cuda_out_of_memory,
+        _raises(_chained(torch.OutOfMemoryError("CUDA out of memory."))),
+        _raises(RuntimeError("CUDA error: an illegal memory access was encountered")),
+        _raises(RuntimeError("CUDA error: device-side assert triggered")),
+        _raises(_chained(EngineDeadError("EngineCore encountered an issue"))),
+    ],
+    ids=["oom-wrapped", "oom-chained", "cuda-error", "device-assert", "engine-dead"],
+)
+def test_engine_level_errors_raise_and_fail_no_item(
+    fail: Callable[[object], None], images: list[Image.Image]
+) -> None:
+    engines: list[StubEngine] = []
+    captioner = Captioner("transformers", loader=stub_loader(engines, fail=fail))
+    batch = [CaptionInput(f"k{i}", im) for i, im in enumerate(images)]
+    with pytest.raises(EngineUnavailableError):
+        captioner.caption(batch, make_job("stub", inference_prompts=["a", "b"]))
+    # No bisection: a smaller batch is the worker's decision, not a reason to fail items.
+    assert engines[0].calls == [8]
+
+
+def test_one_bad_request_among_good_ones_fails_only_itself(images: list[Image.Image]) -> None:
+    bad = Image.new("RGB", (7, 7))
+
+    def fail(requests: list[GenerationRequest]) -> None:
+        if any(r.image is bad for r in requests):
+            raise EngineError("cannot process this image")
+
+    engines: list[StubEngine] = []
+    captioner = Captioner("transformers", loader=stub_loader(engines, fail=fail))
+    batch = [CaptionInput(f"k{i}", images[i % 4]) for i in range(8)]
+    batch[5] = CaptionInput("bad", bad)
+    results = captioner.caption(batch, make_job("stub", inference_prompts=["a", "b"]))
+    assert [r.error is not None for r in results] == [i == 5 for i in range(8)]
+    assert results[5].error == "stage default: cannot process this image"
+    for result in results[:5] + results[6:]:
+        first, second = result.outputs["captions"]
+        assert first.startswith("a ") and second.startswith("b ")
+    # 16 requests (8 images x 2 prompts), the bad pair at 10-11: bisected depth first, only
+    # the failing halves are split, well under the 2n bound.
+    assert engines[0].calls == [16, 8, 8, 4, 2, 2, 1, 1, 4]
 
 
 def test_closed_engine_fails_every_item_without_raising(

@@ -51,3 +51,10 @@ class EngineError(CaptionFlowError):
 
 class StorageError(CaptionFlowError):
     """The state database or the Parquet output is inconsistent or unwritable."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot run right now: out of memory, lost CUDA context, dead engine process.
+
+    Not the items' fault: the worker shrinks its batch, then hands the chunk back and waits.
+    """

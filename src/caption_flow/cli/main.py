@@ -76,9 +76,15 @@ def orchestrator(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(orch.failed.wait())
+        await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
         console.print("stopping: flushing captions to Parquet")
         await orch.stop()
+        if orch.fatal is not None:
+            raise CaptionFlowError(orch.fatal)
 
     _run(serve())
 
@@ -95,6 +101,17 @@ def orchestrator(
 @click.option("--engine", type=click.Choice(["auto", "transformers", "vllm"]))
 @click.option("--dataset-path", help="where this host sees the dataset")
 @click.option("--exit-when-done", is_flag=True, default=None, help="stop when nothing is left")
+@click.option(
+    "--allow-remote-code",
+    is_flag=True,
+    default=None,
+    help="let the orchestrator's job turn on trust_remote_code (off by default)",
+)
+@click.option(
+    "--ack-log",
+    type=click.Path(dir_okay=False),
+    help="append one JSON line per acknowledged item to this file",
+)
 def worker(config_path: str | None, **flags: Any) -> None:
     """Caption chunks leased by an orchestrator."""
     config = worker_config(config_path, flags)

@@ -146,6 +146,32 @@ class TLSConfig(_Strict):
     key: Path | None = None
 
 
+class LimitsConfig(_Strict):
+    """What one connection, and all of them together, may cost the orchestrator."""
+
+    messages_per_second: float = Field(
+        200.0, gt=0, description="per connection; beyond it the server stops reading for a while"
+    )
+    message_burst: int = Field(400, ge=1, description="messages allowed at once above the rate")
+    max_outstanding_results: int = Field(
+        16, ge=1, description="results messages of one connection being stored at once"
+    )
+    max_inflight_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="results bytes being stored at once, all connections together",
+    )
+    hello_max_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest frame before a connection has authenticated"
+    )
+    max_pending_handshakes: int = Field(
+        1000, ge=1, description="connections at once that have not sent a valid hello yet"
+    )
+    max_queue: int = Field(
+        4, ge=1, description="frames buffered per connection before reading stops"
+    )
+
+
 class OrchestratorConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(8765, ge=0, le=65535)
@@ -156,7 +182,25 @@ class OrchestratorConfig(_Strict):
     chunks_per_request: int = Field(2, ge=1)
     lease_seconds: float = Field(120.0, gt=0)
     max_chunk_attempts: int = Field(3, ge=1)
+    stall_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="a worker's leases end when it sends no new result for this long "
+        "(allow for its model to load)",
+    )
+    max_chunks_per_session: int = Field(4, ge=1, description="chunks one connection may hold")
+    reconnect_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="how long a gone worker's chunks wait for it to reconnect (also after a "
+        "restart) before they go back to the queue",
+    )
+    heartbeat_seconds: float = Field(10.0, gt=0, description="how often workers report")
+    max_item_attempts: int = Field(
+        3, ge=1, description="failed tries of one item, across workers, before its error is final"
+    )
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    limits: LimitsConfig = LimitsConfig()
     status_interval: float = Field(30.0, gt=0)
     auth: AuthConfig = AuthConfig()
     ssl: TLSConfig = TLSConfig()
@@ -180,6 +224,30 @@ class WorkerConfig(_Strict):
     reconnect_max_seconds: float = Field(30.0, gt=0)
     verify_ssl: bool = True
     exit_when_done: bool = False
+    allow_remote_code: bool = Field(
+        False,
+        description="let the orchestrator's job turn on trust_remote_code; off: this worker "
+        "runs every job with trust_remote_code false, whatever an admin sets",
+    )
+    dataset_storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="this worker's own fsspec options (credentials) for remote shards; the "
+        "orchestrator never sends its own",
+    )
+    ack_log: Path | None = Field(
+        None,
+        description="append one JSON line per acknowledged item (item_id, key, outputs, "
+        "error) to this file",
+    )
+    engine_backoff_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="first wait before asking for work again after the engine could not run "
+        "(out of memory, lost CUDA context); doubles per failure, with jitter",
+    )
+    engine_backoff_max_seconds: float = Field(
+        300.0, gt=0, description="the longest such wait"
+    )
 
 
 class OrchestratorFile(_Strict):

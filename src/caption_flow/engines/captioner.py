@@ -1,15 +1,17 @@
 """What every engine shares: stages, prompt templates, engine caching, retries, failures.
 
 The worker hands a batch of decoded images and the job to :class:`Captioner`; it gets back
-one :class:`CaptionOutput` per item. Item-level problems (an engine error on a batch that
-still fails after a retry in halves) become ``CaptionOutput.error``, never an exception, so
-one bad image cannot stop a worker.
+one :class:`CaptionOutput` per item. Item-level problems (an engine error on a request that
+still fails when sent alone) become ``CaptionOutput.error``, never an exception, so one bad
+image cannot stop a worker. Engine-level problems (out of memory, a lost CUDA context, a dead
+engine process) are not the items' fault: they raise :class:`EngineUnavailableError` and no
+item fails.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -25,11 +27,19 @@ from caption_flow.engines.base import (
 from caption_flow.engines.factory import EngineKind, load_engine
 from caption_flow.engines.prompts import render_prompt
 from caption_flow.engines.spec import spec_from_job
-from caption_flow.errors import ConfigError, EngineError
+from caption_flow.errors import ConfigError, EngineError, EngineUnavailableError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STAGE = "default"
+
+# Messages that mean the device or the engine is unusable, not that a request is bad.
+_UNAVAILABLE_MARKERS = ("cuda error", "out of memory", "device-side assert")
+# Class names (matched without importing torch or vLLM): torch.OutOfMemoryError (also
+# torch.cuda.OutOfMemoryError) and vLLM's EngineDeadError.
+_UNAVAILABLE_CLASSES = ("OutOfMemoryError", "EngineDead")
+
+EngineLoader = Callable[[EngineKind, EngineSpec], Engine]
 
 
 def job_stages(job: ModelConfig) -> list[StageConfig]:
@@ -96,11 +106,14 @@ class Captioner:
         model_override: str | None = None,
         precision: str | None = None,
         device: str = "auto",
+        loader: EngineLoader = load_engine,
     ) -> None:
+        """``loader`` loads an engine for a spec; tests pass one where a GPU is needed."""
         self.kind: EngineKind = kind
         self.model_override = model_override
         self.precision = precision
         self.device = device
+        self._loader = loader
         self._engines: dict[EngineSpec, Engine] = {}
 
     @property
@@ -126,7 +139,8 @@ class Captioner:
         """Caption ``batch``: one CaptionOutput per item, in order.
 
         Raises ConfigError for an invalid stage graph and EngineError when a model cannot
-        be loaded (both concern the whole job, not single items).
+        be loaded (both concern the whole job, not single items), and EngineUnavailableError
+        when the engine cannot run right now (the caller retries smaller or later).
         """
         stages = job_stages(job)
         specs = {stage.name: self.stage_spec(job, stage) for stage in stages}
@@ -180,24 +194,27 @@ class Captioner:
     def _generate(
         self, engine: Engine, requests: list[GenerationRequest], sampling: SamplingConfig
     ) -> list[_Result]:
-        """Generate; after an error retry once in two halves, then fail what still fails."""
+        """Generate; a failed batch is bisected until only the requests that fail alone fail.
+
+        At most ``2 * len(requests) - 1`` engine calls. An engine-level failure (see
+        :func:`unavailable`) is raised at once as EngineUnavailableError, at any depth.
+        """
         try:
             return list(self._checked(engine, requests, sampling))
         except Exception as exc:  # engines raise EngineError; anything else is recorded too
+            if unavailable(exc):
+                raise EngineUnavailableError(
+                    f"engine unavailable on a batch of {len(requests)}: {_reason(exc)}"
+                ) from exc
             reason = _reason(exc)
-            logger.warning("batch of %d failed (%s); retrying in halves", len(requests), reason)
-        if len(requests) < 2:
+        if len(requests) == 1:
+            logger.warning("request failed alone: %s", reason)
             return [reason]
+        logger.info("batch of %d failed (%s); bisecting", len(requests), reason)
         middle = len(requests) // 2
-        results: list[_Result] = []
-        for half in (requests[:middle], requests[middle:]):
-            try:
-                results.extend(self._checked(engine, half, sampling))
-            except Exception as exc:  # as above: the half fails, the rest goes on
-                half_reason = _reason(exc)
-                logger.warning("%d requests failed after retry: %s", len(half), half_reason)
-                results.extend([half_reason] * len(half))
-        return results
+        return self._generate(engine, requests[:middle], sampling) + self._generate(
+            engine, requests[middle:], sampling
+        )
 
     @staticmethod
     def _checked(
@@ -213,7 +230,7 @@ class Captioner:
     def _engine(self, spec: EngineSpec) -> Engine:
         engine = self._engines.get(spec)
         if engine is None:
-            engine = load_engine(self.kind, spec)
+            engine = self._loader(self.kind, spec)
             self._engines[spec] = engine
         return engine
 
@@ -235,6 +252,28 @@ class Captioner:
             engine.close()
         except Exception:  # closing must not fail the caller; the leak is logged
             logger.exception("closing the engine for %s failed", engine.spec.model)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it was raised from) says the engine cannot run right now.
+
+    Engines wrap foreign errors in EngineError ``from`` the original, so the chain is walked.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        if isinstance(current, EngineUnavailableError):
+            return True
+        names = [cls.__name__ for cls in type(current).__mro__]
+        if any(marker in name for name in names for marker in _UNAVAILABLE_CLASSES):
+            return True
+        if isinstance(current, (RuntimeError, EngineError)):
+            text = str(current).lower()
+            if any(marker in text for marker in _UNAVAILABLE_MARKERS):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _reason(exc: BaseException) -> str:

@@ -7,9 +7,55 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 
-from caption_flow.config.models import AuthConfig, TokenEntry
+from caption_flow.config.models import AuthConfig, OrchestratorConfig, TokenEntry
+from caption_flow.errors import ConfigError
 from caption_flow.protocol.connection import Identity
+
+log = logging.getLogger(__name__)
+
+# The example configs' tokens start with this; they are public, so they only guard loopback.
+PLACEHOLDER_PREFIX = "change-me"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: OrchestratorConfig) -> None:
+    """Refuse public placeholder tokens on a reachable address; warn about plain text.
+
+    Raises ConfigError naming the token entry and what to do.
+    """
+    if is_loopback(config.host):
+        return
+    auth = config.auth
+    for role, entries in (
+        ("worker_tokens", auth.worker_tokens),
+        ("monitor_tokens", auth.monitor_tokens),
+        ("admin_tokens", auth.admin_tokens),
+        ("dataworker_tokens", auth.dataworker_tokens),
+    ):
+        for entry in entries:
+            if entry.token.startswith(PLACEHOLDER_PREFIX) or len(entry.token) < 8:
+                raise ConfigError(
+                    f"orchestrator.auth.{role}: the token of {entry.name!r} is an example or "
+                    f"too short, and host {config.host} is reachable from other machines; set "
+                    "a long random token of your own, or listen on 127.0.0.1"
+                )
+    if config.ssl.cert is None:
+        log.warning(
+            "listening on %s WITHOUT TLS: tokens and captions cross the network in plain "
+            "text; set orchestrator.ssl.cert and .key (or put a TLS proxy in front)",
+            config.host,
+        )
 
 
 def hash_token(token: str) -> str:

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterable
 
+from caption_flow.config.models import OrchestratorConfig
 from caption_flow.orchestrator.leases import ChunkBook
 from caption_flow.sources.base import ShardListing
 from caption_flow.storage.state import StateDB
@@ -44,31 +45,38 @@ def sync_chunks(
     return added
 
 
-def build_book(
-    db: StateDB, lease_seconds: float, max_attempts: int, now: float | None = None
-) -> ChunkBook:
+def build_book(db: StateDB, config: OrchestratorConfig, now: float | None = None) -> ChunkBook:
     """The in-memory book, with every item the database already holds as done.
 
-    Chunks that were leased when the last process stopped are held for one lease time, so
-    the workers that had them can reclaim them when they reconnect.
+    Chunks that were leased when the last process stopped are held for the reconnect window
+    only, for the worker (same contributor and name) that had them; then they are queued.
+    ``now`` is a monotonic time.
     """
-    now = time.time() if now is None else now
-    book = ChunkBook(lease_seconds, max_attempts)
+    now = time.monotonic() if now is None else now
+    book = ChunkBook(
+        config.lease_seconds,
+        config.max_chunk_attempts,
+        stall_seconds=config.stall_seconds,
+        max_chunks_per_session=config.max_chunks_per_session,
+        reconnect_seconds=config.reconnect_seconds,
+        max_item_attempts=config.max_item_attempts,
+    )
     for row in db.load_chunks():
-        done: Iterable[int] = (
-            range(row.first_item, row.first_item + row.count)
-            if row.status == "done"
-            else db.done_items(row.chunk_id)
-        )
+        finished = row.status == "done"
         book.add_chunk(
             row.chunk_id,
             row.shard,
             row.first_item,
             row.count,
-            done_ids=done,
+            done_ids=(
+                range(row.first_item, row.first_item + row.count)
+                if finished
+                else db.done_items(row.chunk_id)
+            ),
             attempts=row.attempts,
             failed_reason=row.reason if row.status == "failed" else None,
+            item_attempts=None if finished else db.item_attempts(row.chunk_id),
         )
         if row.status == "leased":
-            book.hold_for_reclaim(row.chunk_id, now)
+            book.hold_for_reclaim(row.chunk_id, row.holder, now)
     return book

@@ -1,8 +1,9 @@
 """The orchestrator process: a websocket server that drives the chunk book and the store.
 
-Every connection is a :class:`ServerConnection` (Sans-I/O) fed by this driver. Work leaves
-only through :meth:`Orchestrator._on_request` and comes back only through
-:meth:`Orchestrator._on_results`, which acknowledges after the store has committed.
+Every connection is a :class:`ServerConnection` (Sans-I/O) fed by this driver, which also
+enforces what a connection may cost (frame size before and after the hello, a message rate,
+results being stored at once, one byte budget for all). Worker messages are handled in
+:mod:`caption_flow.orchestrator.workers`.
 """
 
 from __future__ import annotations
@@ -22,25 +23,22 @@ from websockets.exceptions import ConnectionClosed
 
 from caption_flow.config.discovery import deep_merge
 from caption_flow.config.models import DatasetConfig, ModelConfig, OrchestratorConfig
-from caption_flow.errors import ConfigError, NotLeasedError, ProtocolError
-from caption_flow.orchestrator.auth import Authenticator
+from caption_flow.errors import ConfigError, ProtocolError
+from caption_flow.orchestrator.auth import Authenticator, check_exposure
 from caption_flow.orchestrator.dataset_index import build_book, sync_chunks
 from caption_flow.orchestrator.http import answer_http
-from caption_flow.orchestrator.leases import ChunkBook, Lease
-from caption_flow.orchestrator.results import build_batch
+from caption_flow.orchestrator.leases import ChunkBook
+from caption_flow.orchestrator.limits import ByteBudget, TokenBucket
+from caption_flow.orchestrator.results import JobRules
 from caption_flow.orchestrator.sessions import Session
-from caption_flow.orchestrator.stats import RateMeter
+from caption_flow.orchestrator.supervise import supervise
+from caption_flow.orchestrator.workers import WorkerDesk
 from caption_flow.protocol.connection import ServerConnection
 from caption_flow.protocol.messages import (
-    Ack,
-    Assign,
-    ChunkLease,
     ConfigUpdate,
     ErrorMsg,
     Heartbeat,
-    ItemRef,
     Message,
-    Reject,
     Release,
     Request,
     Results,
@@ -49,19 +47,24 @@ from caption_flow.protocol.messages import (
     Welcome,
 )
 from caption_flow.sources import open_source
-from caption_flow.storage.state import ChunkState
 from caption_flow.storage.store import CaptionStore
 
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+CLOSE_TRY_AGAIN = 1013
+CLOSE_INTERNAL = 1011
+# Largest frame an authenticated monitor or admin may send (their messages are small).
+CONTROL_MAX_BYTES = 1024 * 1024
 
 
 class Orchestrator:
     def __init__(self, config: OrchestratorConfig) -> None:
+        check_exposure(config)
         self.config = config
         self.job: ModelConfig = config.vllm
         self.dataset: DatasetConfig = config.dataset
+        self._rules = JobRules.of(self.job)
         self.store = CaptionStore(
             config.storage.data_dir,
             compact_rows=config.storage.compact_rows,
@@ -70,14 +73,16 @@ class Orchestrator:
         )
         self.authenticate = Authenticator(config.auth)
         self.book: ChunkBook | None = None
+        self.desk: WorkerDesk | None = None
         self.sessions: dict[str, Session] = {}
-        self.rate = RateMeter()
-        self.items_failed = 0
         self.started_at = time.time()
-        self._lease_keys: dict[str, dict[int, str]] = {}
+        self.budget = ByteBudget(config.limits.max_inflight_bytes)
+        self._handshakes = 0
         self._server: Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.finished = asyncio.Event()
+        self.fatal: str | None = None  # why the process must stop, when it must
+        self.failed = asyncio.Event()
 
     # -- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -91,9 +96,16 @@ class Orchestrator:
         pinned = getattr(source, "pinned_config", None)
         if pinned is not None:  # hub datasets: workers read the very commit listed here
             self.dataset = pinned()
-        self.book = await self.store.run_db(
-            build_book, self.store.db, self.config.lease_seconds, self.config.max_chunk_attempts
+        self.book = await self.store.run_db(build_book, self.store.db, self.config)
+        self.desk = WorkerDesk(
+            self.config,
+            self.book,
+            self.store,
+            rules=lambda: self._rules,
+            live_sessions=lambda: self.sessions,
+            on_change=self._check_finished,
         )
+        self.store.on_quarantine = self.desk.requeue
         log.info(
             "dataset %s: %d items in %d chunks (%d new) listed in %.2fs",
             self.config.dataset.path,
@@ -106,7 +118,8 @@ class Orchestrator:
             self._handle,
             self.config.host,
             self.config.port,
-            max_size=self.config.max_message_bytes,
+            max_size=self.config.limits.hello_max_bytes,
+            max_queue=self.config.limits.max_queue,
             compression=None,
             ping_interval=20,
             ping_timeout=60,
@@ -114,9 +127,9 @@ class Orchestrator:
             process_request=lambda conn, req: answer_http(self, conn, req),
         )
         self._tasks = [
-            asyncio.create_task(self._expiry_loop(), name="lease-expiry"),
-            asyncio.create_task(self._status_loop(), name="status-line"),
-            asyncio.create_task(self._monitor_loop(), name="monitor-push"),
+            supervise("lease-expiry", self._expiry_loop, self._fail),
+            supervise("status-line", self._status_loop, self._fail),
+            supervise("monitor-push", self._monitor_loop, self._fail),
         ]
         self._check_finished()
         # Everything built so far (the chunk book above all) lives as long as the process:
@@ -124,6 +137,11 @@ class Orchestrator:
         gc.collect()
         gc.freeze()
         log.info("orchestrator listening on %s:%d", self.config.host, self.port)
+
+    def _fail(self, reason: str) -> None:
+        log.critical("stopping: %s", reason)
+        self.fatal = reason
+        self.failed.set()
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         tls = self.config.ssl
@@ -153,7 +171,11 @@ class Orchestrator:
 
     # -- connections ------------------------------------------------------------------------
     async def _handle(self, websocket: WSConnection) -> None:
+        if self._handshakes >= self.config.limits.max_pending_handshakes:
+            await websocket.close(CLOSE_TRY_AGAIN, "too many connections are saying hello")
+            return
         connection = ServerConnection(self.authenticate)
+        self._handshakes += 1
         try:
             frame = await asyncio.wait_for(websocket.recv(), HELLO_TIMEOUT)
             hello = connection.receive(frame)
@@ -163,15 +185,24 @@ class Orchestrator:
             return
         except (TimeoutError, ConnectionClosed):
             return
-        assert connection.identity is not None and hello is not None
+        finally:
+            self._handshakes -= 1
+        assert connection.identity is not None and connection.hello is not None
+        hello = connection.hello
         session = Session(
             session_id=uuid.uuid4().hex[:12],
             identity=connection.identity,
-            name=getattr(hello, "name", "") or connection.identity.contributor,
+            name=hello.name or connection.identity.contributor,
             websocket=websocket,
             connection=connection,
+            outstanding=asyncio.Semaphore(self.config.limits.max_outstanding_results),
         )
-        resumed = await self._resume(session, getattr(hello, "held_chunks", []))
+        websocket.protocol.max_message_size = (
+            self.config.max_message_bytes if session.role == "worker" else CONTROL_MAX_BYTES
+        )
+        resumed: list[str] = []
+        if session.role == "worker" and hello.held_chunks and self.desk is not None:
+            resumed = await self.desk.resume(session, hello.held_chunks)
         self.sessions[session.session_id] = session
         log.info("%s %s connected (%s)", session.role, session.name, session.session_id)
         await session.send(
@@ -183,127 +214,63 @@ class Orchestrator:
             )
         )
         try:
+            await self._serve(session)
+        finally:
+            self.sessions.pop(session.session_id, None)
+            if session.role == "worker" and self.desk is not None:
+                # Leases wait the reconnect window: a worker that comes back keeps them.
+                self.desk.disconnected(session)
+            log.info("%s %s disconnected", session.role, session.name)
+
+    async def _serve(self, session: Session) -> None:
+        limits = self.config.limits
+        bucket = TokenBucket(limits.messages_per_second, limits.message_burst, time.monotonic())
+        websocket = session.websocket
+        try:
             async for frame in websocket:
-                message = connection.receive(frame)
-                await self._dispatch(session, message)
+                wait = bucket.take(time.monotonic())
+                if wait > 0:  # over the rate: stop reading for a while (TCP pushes back)
+                    await asyncio.sleep(wait)
+                message = session.connection.receive(frame)
+                await self._dispatch(session, message, len(frame))
         except ProtocolError as exc:
             log.warning("closing %s: %s", session.name, exc)
             await websocket.close(exc.close_code, str(exc)[:120])
         except ConnectionClosed:
             pass
-        finally:
-            self.sessions.pop(session.session_id, None)
-            # Leases stay until their deadline: a worker that reconnects in time keeps them.
-            log.info("%s %s disconnected", session.role, session.name)
 
-    async def _dispatch(self, session: Session, message: Message) -> None:
+    async def _dispatch(self, session: Session, message: Message, size: int) -> None:
+        assert self.desk is not None and self.book is not None
         if isinstance(message, Results):
-            await session.in_flight.acquire()  # back-pressure: stop reading when too many
-            task = asyncio.create_task(self._on_results(session, message))
-            task.add_done_callback(lambda _: session.in_flight.release())
+            # Back-pressure: stop reading while this connection, or all of them together,
+            # have too much being stored.
+            await session.outstanding.acquire()
+            held = await self.budget.acquire(size)
+            task = asyncio.create_task(self._results_task(session, message, held))
+            session.tasks.add(task)
+            task.add_done_callback(session.tasks.discard)
         elif isinstance(message, Request):
-            await self._on_request(session, message)
+            await self.desk.on_request(session, message.count)
         elif isinstance(message, Heartbeat):
             session.stats = dict(message.stats)
-            assert self.book is not None
-            self.book.heartbeat(session.session_id, time.time())
+            self.book.heartbeat(session.session_id, time.monotonic())
         elif isinstance(message, Release):
-            await self._on_release(session, message.chunk_id)
+            await self.desk.on_release(session, message.chunk_id, message.reason)
         elif isinstance(message, SetConfig):
             await self._on_set_config(session, message)
 
-    # -- work out ---------------------------------------------------------------------------
-    async def _on_request(self, session: Session, request: Request) -> None:
-        assert self.book is not None
-        count = max(1, min(request.count, self.config.chunks_per_request))
-        leases = self.book.lease(session.session_id, count, time.time())
-        if not leases:
-            await session.send(Assign(finished=self.book.finished, retry_after=1.0))
-            return
-        chunks = [self._chunk_payload(lease) for lease in leases]
-        await self.store.commit(chunk_states=[self._state(c.chunk_id) for c in chunks])
-        await session.send(Assign(chunks=chunks))
-
-    def _keys_for(self, lease: Lease) -> dict[int, str]:
-        """The leased items' keys, kept while the chunk is leased: result rows take their keys
-        from here, never from what a worker sends."""
-        keys = self._lease_keys.get(lease.chunk_id)
-        if keys is None:
-            ids = lease.item_ids
-            keys = self.store.read_keys(ids[0], ids[-1]) if ids else {}
-            self._lease_keys[lease.chunk_id] = keys
-        return keys
-
-    def _chunk_payload(self, lease: Lease) -> ChunkLease:
-        keys = self._keys_for(lease)
-        return ChunkLease(
-            chunk_id=lease.chunk_id,
-            shard=lease.shard,
-            items=[ItemRef(i, keys[i]) for i in lease.item_ids],
-            deadline=lease.deadline,
-        )
-
-    async def _resume(self, session: Session, held: list[str]) -> list[str]:
-        """Give a reconnecting worker back the chunks it still holds, where nobody took them."""
-        if session.role != "worker" or not held or self.book is None:
-            return []
-        resumed = []
-        for chunk_id in held:
-            lease = self.book.claim(session.session_id, chunk_id, time.time(), self.sessions)
-            if lease is not None:
-                self._keys_for(lease)
-                resumed.append(chunk_id)
-        if resumed:
-            await self.store.commit(chunk_states=[self._state(c) for c in resumed])
-        return resumed
-
-    async def _on_release(self, session: Session, chunk_id: str) -> None:
-        assert self.book is not None
-        if self.book.release(session.session_id, chunk_id):
-            await self.store.commit(chunk_states=[self._state(chunk_id)])
-
-    def _state(self, chunk_id: str) -> ChunkState:
-        assert self.book is not None
-        c = self.book.chunks[chunk_id]
-        return ChunkState(chunk_id, c.status.value, c.attempts, c.reason, c.holder, c.deadline)
-
-    # -- results in -------------------------------------------------------------------------
-    async def _on_results(self, session: Session, results: Results) -> None:
-        assert self.book is not None
+    async def _results_task(self, session: Session, message: Results, held: int) -> None:
+        """Store one results message; anything unexpected is logged and the worker told to
+        reconnect and resend, never dropped silently."""
+        assert self.desk is not None
         try:
-            fresh = self.book.accept(
-                session.session_id, results.chunk_id, [r.item_id for r in results.items]
-            )
-        except NotLeasedError as exc:
-            await session.send(Reject(seq=results.seq, reason=str(exc)))
-            return
-        chunk = self.book.chunks[results.chunk_id]
-        batch = build_batch(
-            results,
-            fresh,
-            keys=self._lease_keys.get(results.chunk_id, {}),
-            dataset=self.config.dataset.name or self.config.dataset.path,
-            shard=chunk.shard,
-            contributor=session.identity.contributor,
-            worker=session.name,
-        )
-        try:
-            await self.store.commit([batch])
-        except Exception:
-            self.book.abort(results.chunk_id, fresh)
-            await session.websocket.close(1011, "storage failure; resend later")
-            return
-        completed = self.book.commit(results.chunk_id, fresh)
-        if completed:
-            self._lease_keys.pop(results.chunk_id, None)
-            await self.store.commit(chunk_states=[self._state(results.chunk_id)])
-        self.items_failed += batch.failed
-        session.items_done += len(fresh)
-        self.rate.add(len(fresh))
-        await session.send(
-            Ack(seq=results.seq, accepted=len(fresh), duplicates=len(results.items) - len(fresh))
-        )
-        self._check_finished()
+            await self.desk.on_results(session, message)
+        except Exception as exc:
+            log.exception("results %d of %s not stored", message.seq, session.name)
+            await session.websocket.close(CLOSE_INTERNAL, f"not stored: {exc}"[:120])
+        finally:
+            session.outstanding.release()
+            await self.budget.release(held)
 
     def _check_finished(self) -> None:
         if self.book is not None and self.book.finished and not self.finished.is_set():
@@ -312,20 +279,26 @@ class Orchestrator:
 
     # -- admin --------------------------------------------------------------------------------
     def job_payload(self) -> dict[str, Any]:
-        """What a worker needs: the job and where the data is. Never the auth section."""
+        """What a worker needs: the job and where the data is. Never the auth section, and
+        never the dataset's credentials: a worker that reads remote shards brings its own."""
         return {
             "vllm": self.job.model_dump(mode="json"),
-            "dataset": self.dataset.model_dump(mode="json"),
+            "dataset": self.dataset.model_dump(mode="json", exclude={"storage_options"}),
             "lease_seconds": self.config.lease_seconds,
+            "heartbeat_seconds": self.config.heartbeat_seconds,
         }
 
     async def update_job(self, patch: dict[str, Any]) -> ModelConfig:
-        """Merge a partial ``vllm`` section, validate it, and push it to every worker."""
+        """Merge a partial ``vllm`` section, validate it (the stage graph included, so a
+        cycle or a typo never reaches the workers), and push it to every worker."""
         merged = deep_merge(self.job.model_dump(mode="python"), patch)
         try:
             job = ModelConfig.model_validate(merged)
-        except Exception as exc:
+            rules = JobRules.of(job)
+        except Exception as exc:  # pydantic's ValidationError or our ConfigError
             raise ConfigError(f"invalid job update: {exc}") from None
+        # Results of batches started on the old job still pass while workers switch.
+        self._rules = rules.merged(JobRules.of(self.job))
         self.job = job
         update = ConfigUpdate(config=self.job_payload())
         workers = [s for s in self.sessions.values() if s.role == "worker"]
@@ -343,22 +316,11 @@ class Orchestrator:
 
     # -- background loops -----------------------------------------------------------------
     async def _expiry_loop(self) -> None:
-        interval = min(1.0, self.config.lease_seconds / 4)
+        interval = min(1.0, self.config.lease_seconds / 4, self.config.reconnect_seconds / 4)
         while True:
             await asyncio.sleep(interval)
-            assert self.book is not None
-            expired = self.book.expire(time.time())
-            if expired:
-                for e in expired:
-                    self._lease_keys.pop(e.chunk_id, None)
-                    log.warning(
-                        "lease of %s expired (attempt %d%s)",
-                        e.chunk_id,
-                        e.attempts,
-                        ", chunk failed" if e.failed else "",
-                    )
-                await self.store.commit(chunk_states=[self._state(e.chunk_id) for e in expired])
-                self._check_finished()
+            assert self.desk is not None
+            await self.desk.expire()
 
     async def _status_loop(self) -> None:
         while True:
@@ -382,12 +344,12 @@ class Orchestrator:
                 await asyncio.gather(*(m.send(stats) for m in monitors))
 
     def snapshot(self) -> dict[str, Any]:
-        assert self.book is not None
+        assert self.book is not None and self.desk is not None
         return {
             "items_total": self.book.items_total,
             "items_done": self.book.items_done,
-            "items_failed": self.items_failed,
-            "rate": round(self.rate.rate(), 2),
+            "items_failed": self.desk.items_failed,
+            "rate": round(self.desk.rate.rate(), 2),
             "chunks": self.book.counts(),
             "workers": sum(1 for s in self.sessions.values() if s.role == "worker"),
             "sessions": [s.describe() for s in self.sessions.values()],

@@ -21,7 +21,10 @@ class Session:
     connected_at: float = field(default_factory=time.time)
     stats: dict[str, float] = field(default_factory=dict)
     items_done: int = 0
-    in_flight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
+    # Results messages of this connection being stored now, and their tasks (kept so none
+    # is garbage-collected half-way or forgotten).
+    outstanding: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def role(self) -> str:

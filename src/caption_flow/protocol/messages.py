@@ -7,7 +7,7 @@ this module needs nothing from the config layer.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -16,6 +16,37 @@ from caption_flow.errors import ProtocolError
 PROTOCOL_VERSION = 1
 
 Role = Literal["worker", "monitor", "admin", "dataworker"]
+
+# Hard bounds on every field a peer sends. A frame outside them does not decode (close 4400).
+# They are generous for honest software; job-dependent limits (caption length from the job's
+# max_tokens, output fields the job has) are checked by the orchestrator on top of these.
+MAX_ITEM_ID = 2**53  # ids are dense from 0; this only keeps them exact in JSON and SQLite
+MAX_KEY_CHARS = 1024
+MAX_CHUNK_ID_CHARS = 512
+MAX_TOKEN_CHARS = 512
+MAX_NAME_CHARS = 128
+MAX_REASON_CHARS = 2000
+MAX_CAPTION_CHARS = 256 * 1024
+MAX_OUTPUT_FIELDS = 16
+MAX_OUTPUTS_PER_FIELD = 64
+MAX_ITEMS_PER_MESSAGE = 10_000
+MAX_HELD_CHUNKS = 64
+MAX_REQUEST_COUNT = 64
+MAX_STATS = 32
+MAX_PIXELS_SIDE = 2**31 - 1  # int32, the Parquet column type
+
+ItemId = Annotated[int, msgspec.Meta(ge=0, le=MAX_ITEM_ID)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+Key = Annotated[str, msgspec.Meta(max_length=MAX_KEY_CHARS)]
+ChunkId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CHUNK_ID_CHARS)]
+ShortText = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON_CHARS)]
+FieldName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Caption = Annotated[str, msgspec.Meta(max_length=MAX_CAPTION_CHARS)]
+Side = Annotated[int, msgspec.Meta(ge=0, le=MAX_PIXELS_SIDE)]
+Millis = Annotated[float, msgspec.Meta(ge=0.0, le=1e9)]
+StatName = Annotated[str, msgspec.Meta(max_length=64)]
+Capability = str | int | float | bool
 
 
 class _Msg(msgspec.Struct, tag_field="type", omit_defaults=True, gc=False):
@@ -27,11 +58,11 @@ class Hello(_Msg, tag="hello"):
     """First frame of every client. ``held_chunks`` lets a reconnecting worker keep its chunks."""
 
     role: Role
-    token: str
-    name: str = ""
-    version: int = PROTOCOL_VERSION
-    capabilities: dict[str, Any] = {}
-    held_chunks: list[str] = []
+    token: Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_CHARS)]
+    name: ShortText = ""
+    version: Annotated[int, msgspec.Meta(ge=0, le=2**31)] = PROTOCOL_VERSION
+    capabilities: Annotated[dict[StatName, Capability], msgspec.Meta(max_length=MAX_STATS)] = {}
+    held_chunks: Annotated[list[ChunkId], msgspec.Meta(max_length=MAX_HELD_CHUNKS)] = []
 
 
 class Welcome(_Msg, tag="welcome"):
@@ -47,8 +78,8 @@ class Welcome(_Msg, tag="welcome"):
 class ItemRef(msgspec.Struct, array_like=True, gc=False):
     """One item of a leased chunk: its durable id and its stable key in the shard."""
 
-    item_id: int
-    key: str
+    item_id: ItemId
+    key: Key
 
 
 class ChunkLease(msgspec.Struct, omit_defaults=True, gc=False):
@@ -63,7 +94,7 @@ class ChunkLease(msgspec.Struct, omit_defaults=True, gc=False):
 class Request(_Msg, tag="request"):
     """A worker asks for up to ``count`` more chunks."""
 
-    count: int = 1
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUEST_COUNT)] = 1
 
 
 class Assign(_Msg, tag="assign"):
@@ -77,22 +108,25 @@ class Assign(_Msg, tag="assign"):
 class ItemResult(msgspec.Struct, omit_defaults=True, gc=False):
     """The outcome for one item: outputs per field (one entry per prompt) or an error."""
 
-    item_id: int
-    key: str
-    outputs: dict[str, list[str]] = {}
-    error: str | None = None
-    width: int | None = None
-    height: int | None = None
-    processing_ms: float = 0.0
+    item_id: ItemId
+    key: Key
+    outputs: Annotated[
+        dict[FieldName, Annotated[list[Caption], msgspec.Meta(max_length=MAX_OUTPUTS_PER_FIELD)]],
+        msgspec.Meta(max_length=MAX_OUTPUT_FIELDS),
+    ] = {}
+    error: Reason | None = None
+    width: Side | None = None
+    height: Side | None = None
+    processing_ms: Millis = 0.0
 
 
 class Results(_Msg, tag="results"):
     """Results for items of one chunk. ``seq`` is the worker's, echoed in the ack."""
 
-    chunk_id: str
-    seq: int
-    items: list[ItemResult]
-    model: str = ""
+    chunk_id: ChunkId
+    seq: Seq
+    items: Annotated[list[ItemResult], msgspec.Meta(max_length=MAX_ITEMS_PER_MESSAGE)]
+    model: Annotated[str, msgspec.Meta(max_length=MAX_KEY_CHARS)] = ""
 
 
 class Ack(_Msg, tag="ack"):
@@ -113,13 +147,18 @@ class Reject(_Msg, tag="reject"):
 class Heartbeat(_Msg, tag="heartbeat"):
     """Keeps a session's leases alive and reports worker statistics."""
 
-    stats: dict[str, float] = {}
+    stats: Annotated[dict[StatName, float], msgspec.Meta(max_length=MAX_STATS)] = {}
 
 
 class Release(_Msg, tag="release"):
-    """A worker gives a chunk back (clean stop); its missing items are re-leased."""
+    """A worker gives a chunk back; its missing items are re-leased.
 
-    chunk_id: str
+    An empty ``reason`` is a clean hand-back (the worker is stopping) and costs the chunk
+    nothing; a reason says the worker could not do it (unreadable shard, engine out of memory,
+    results refused) and counts as one of the chunk's attempts."""
+
+    chunk_id: ChunkId
+    reason: Reason = ""
 
 
 class ConfigUpdate(_Msg, tag="config"):

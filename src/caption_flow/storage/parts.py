@@ -1,8 +1,9 @@
 """Parquet part files written atomically: temporary name, fsync, rename, fsync the folder.
 
 A part exists for readers only once renamed; it counts as output only once the state database
-records it. :func:`remove_unrecorded` deletes what a crash left between those two steps (its
-rows are still in the journal).
+records it. Its name is recorded as *intended* before it is written, so start-up can tell a
+part that a crash left between rename and record (removed: its rows are still in the journal)
+from a file the database never knew (moved aside to ``unrecognised/``, never deleted).
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 PART_GLOB = "part-*.parquet"
+TMP_GLOB = ".part-*.parquet.tmp"
+UNRECOGNISED = "unrecognised"
 
 
 def part_name(seq: int) -> str:
     return f"part-{seq:08d}.parquet"
 
 
-def next_part_seq(folder: Path) -> int:
-    seqs = [int(p.stem.split("-")[1]) for p in folder.glob(PART_GLOB) if p.stem[5:].isdigit()]
-    return max(seqs, default=0) + 1
+def _tmp_path(folder: Path, name: str) -> Path:
+    return folder / f".{name}.tmp"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -39,7 +41,7 @@ def _fsync_dir(folder: Path) -> None:
 def write_part(folder: Path, name: str, table: pa.Table) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / name
-    tmp = folder / f".{name}.tmp"
+    tmp = _tmp_path(folder, name)
     pq.write_table(table, tmp, compression="zstd")
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -48,14 +50,58 @@ def write_part(folder: Path, name: str, table: pa.Table) -> Path:
     return final
 
 
-def remove_unrecorded(folder: Path, recorded: set[str]) -> list[str]:
-    """Delete temporary files and parts the database does not know. Returns their names."""
-    removed: list[str] = []
-    if not folder.is_dir():
-        return removed
-    for path in folder.iterdir():
-        if path.name.endswith(".tmp") or (path.match(PART_GLOB) and path.name not in recorded):
+def check_part(table: pa.Table) -> None:
+    """Encode ``table`` as :func:`write_part` would, in memory: raises what writing would."""
+    pq.write_table(table, pa.BufferOutputStream(), compression="zstd")
+
+
+def remove_part(folder: Path, name: str) -> bool:
+    """Delete an intended part and its temporary file. True if a file was there."""
+    found = False
+    for path in (folder / name, _tmp_path(folder, name)):
+        if path.exists():
             path.unlink()
-            removed.append(path.name)
-            log.warning("removed unrecorded output file %s (its rows are in the journal)", path)
+            found = True
+    return found
+
+
+def remove_stray_tmp(folder: Path) -> list[str]:
+    """Delete temporary part files (never renamed, so never output). Returns their names."""
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.glob(TMP_GLOB)):
+        path.unlink()
+        removed.append(path.name)
+        log.warning("removed unfinished temporary part %s", path)
     return removed
+
+
+def move_unrecognised(folder: Path, recorded: set[str]) -> list[Path]:
+    """Move every part file the database does not record to ``unrecognised/``, keeping
+    each one (renamed if that folder already has its name). Returns the new paths."""
+    if not folder.is_dir():
+        return []
+    strays = sorted(p for p in folder.glob(PART_GLOB) if p.name not in recorded)
+    if not strays:
+        return []
+    aside = folder / UNRECOGNISED
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for path in strays:
+        target = aside / path.name
+        n = 1
+        while target.exists():
+            target = aside / f"{path.stem}.{n}{path.suffix}"
+            n += 1
+        os.replace(path, target)
+        moved.append(target)
+        log.error(
+            "%s is not recorded in state.db: moved it to %s (not deleted); check where it "
+            "came from before using or removing it",
+            path.name,
+            aside,
+        )
+    _fsync_dir(aside)
+    _fsync_dir(folder)
+    return moved

@@ -1,60 +1,29 @@
 """The state database: chunks, items, contributors, the result journal and written parts.
 
 One connection, used from one thread at a time (the orchestrator's database thread), so every
-write is serialised without locks of our own. A result is durable once
-:meth:`StateDB.commit_results` returns: its journal rows and its items' done flags are written
-in the same transaction.
+write is serialised without locks of our own. A result is durable once :meth:`StateDB.commit`
+returns: its journal record, its items' done flags and its chunk's state are written in the
+same transaction.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from caption_flow.errors import StorageError
+from caption_flow.storage.schema import create_or_migrate
 
-SCHEMA_VERSION = 2
+log = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS chunks (
-    chunk_id TEXT PRIMARY KEY,
-    shard TEXT NOT NULL,
-    first_item INTEGER NOT NULL,
-    count INTEGER NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    reason TEXT,
-    holder TEXT,
-    deadline REAL
-);
-CREATE INDEX IF NOT EXISTS chunks_shard ON chunks (shard);
-CREATE TABLE IF NOT EXISTS items (
-    item_id INTEGER PRIMARY KEY,
-    chunk_id TEXT NOT NULL,
-    shard TEXT NOT NULL,
-    key TEXT NOT NULL,
-    done INTEGER NOT NULL DEFAULT 0
-);
-CREATE UNIQUE INDEX IF NOT EXISTS items_shard_key ON items (shard, key);
-CREATE INDEX IF NOT EXISTS items_chunk ON items (chunk_id, done);
-CREATE TABLE IF NOT EXISTS journal (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, items INTEGER NOT NULL, record BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS parts (
-    name TEXT PRIMARY KEY, rows INTEGER NOT NULL, created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS contributors (
-    contributor TEXT PRIMARY KEY,
-    items INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL
-);
-"""
+_ids_encoder = msgspec.msgpack.Encoder()
+_ids_decoder = msgspec.msgpack.Decoder(list[int])
 
 
 @dataclass(frozen=True)
@@ -66,6 +35,7 @@ class ChunkRow:
     status: str
     attempts: int
     reason: str | None
+    holder: str | None = None  # for a leased chunk: who may reclaim it after a restart
 
 
 @dataclass(frozen=True)
@@ -82,12 +52,29 @@ class ChunkState:
 
 @dataclass(frozen=True)
 class JournalBatch:
-    """One encoded journal record, the items it makes done, and who made them."""
+    """One encoded journal record, the items it makes done, and who made them.
+
+    ``retry_ids`` failed in this message but are not done: each counts one more attempt.
+    """
 
     item_ids: Sequence[int]
     record: bytes
     contributor: str
     failed: int = 0
+    chunk_id: str = ""
+    retry_ids: Sequence[int] = ()
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """A journal record as the compactor reads it. ``item_ids`` is None for a record written
+    by schema version 2 (the ids are then only inside the record)."""
+
+    seq: int
+    chunk_id: str
+    items: int
+    item_ids: list[int] | None
+    record: bytes
 
 
 def id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
@@ -103,6 +90,26 @@ def id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
     return runs
 
 
+@dataclass(frozen=True)
+class Quarantined:
+    """A journal record set aside because it cannot become Parquet rows."""
+
+    seq: int
+    chunk_id: str
+    item_ids: list[int]
+    record: bytes
+    reason: str
+
+
+def _decode_ids(blob: bytes | None) -> list[int] | None:
+    if blob is None:
+        return None
+    try:
+        return _ids_decoder.decode(blob)
+    except msgspec.DecodeError:
+        return None
+
+
 class StateDB:
     def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
@@ -116,8 +123,7 @@ class StateDB:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self._set_synchronous("FULL")
             self.conn.execute("PRAGMA busy_timeout=5000")
-            self.conn.executescript(_SCHEMA)
-            self._check_version()
+            create_or_migrate(self.conn, path)
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open state database {path}: {exc}") from exc
 
@@ -125,13 +131,6 @@ class StateDB:
         if level != self._synchronous:
             self.conn.execute(f"PRAGMA synchronous={level}")
             self._synchronous = level
-
-    def _check_version(self) -> None:
-        row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            self.set_meta("schema_version", str(SCHEMA_VERSION))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise StorageError(f"{self.path}: schema version {row[0]}, expected {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.conn.close()
@@ -176,8 +175,8 @@ class StateDB:
 
     def load_chunks(self) -> Iterator[ChunkRow]:
         for r in self.conn.execute(
-            "SELECT chunk_id, shard, first_item, count, status, attempts, reason FROM chunks "
-            "ORDER BY first_item"
+            "SELECT chunk_id, shard, first_item, count, status, attempts, reason, holder "
+            "FROM chunks ORDER BY first_item"
         ):
             yield ChunkRow(*r)
 
@@ -189,6 +188,13 @@ class StateDB:
             )
         ]
 
+    def item_attempts(self, chunk_id: str) -> dict[int, int]:
+        """Failed tries per item of a chunk (only items with any), to rebuild the lease book."""
+        rows = self.conn.execute(
+            "SELECT item_id, attempts FROM items WHERE chunk_id=? AND attempts>0", (chunk_id,)
+        )
+        return dict(rows.fetchall())
+
     def item_keys(self, first: int, last: int) -> dict[int, str]:
         rows = self.conn.execute(
             "SELECT item_id, key FROM items WHERE item_id BETWEEN ? AND ?", (first, last)
@@ -196,7 +202,8 @@ class StateDB:
         return dict(rows.fetchall())
 
     def commit(self, batches: Sequence[JournalBatch], states: Sequence[ChunkState]) -> None:
-        """Journal records, done flags, contributor counts and chunk states: one transaction.
+        """Journal records, done flags, attempts, contributor counts and chunk states: one
+        transaction, so a chunk's state never lags the results that changed it.
 
         The caller (the orchestrator's chunk book, the only writer) passes only items that
         are not done yet; that is what makes a resend after a lost ack write nothing twice.
@@ -225,12 +232,20 @@ class StateDB:
             counts[0] += len(b.item_ids)
             counts[1] += b.failed
         self.conn.executemany(
-            "INSERT INTO journal(items, record) VALUES(?, ?)",
-            ((len(b.item_ids), b.record) for b in batches if b.item_ids),
+            "INSERT INTO journal(items, record, chunk_id, item_ids) VALUES(?, ?, ?, ?)",
+            (
+                (len(b.item_ids), b.record, b.chunk_id, _ids_encoder.encode(list(b.item_ids)))
+                for b in batches
+                if b.item_ids
+            ),
         )
         self.conn.executemany(
             "UPDATE items SET done=1 WHERE item_id BETWEEN ? AND ?",
             id_runs(i for b in batches for i in b.item_ids),
+        )
+        self.conn.executemany(
+            "UPDATE items SET attempts=attempts+1 WHERE item_id BETWEEN ? AND ?",
+            id_runs(i for b in batches for i in b.retry_ids),
         )
         self.conn.executemany(
             "INSERT INTO contributors(contributor, items, failed, first_seen, last_seen) "
@@ -249,30 +264,102 @@ class StateDB:
         """Items (not records) waiting in the journal."""
         return int(self.conn.execute("SELECT COALESCE(SUM(items), 0) FROM journal").fetchone()[0])
 
-    def journal_batch(self, max_items: int) -> tuple[list[bytes], int, int]:
-        """The oldest records up to about ``max_items`` items: (records, items, last seq)."""
-        records: list[bytes] = []
-        items = last = 0
-        for seq, count, record in self.conn.execute(
-            "SELECT seq, items, record FROM journal ORDER BY seq"
+    def journal_batch(self, max_items: int) -> list[JournalEntry]:
+        """The oldest records, up to about ``max_items`` items."""
+        entries: list[JournalEntry] = []
+        items = 0
+        for seq, chunk_id, count, ids, record in self.conn.execute(
+            "SELECT seq, chunk_id, items, item_ids, record FROM journal ORDER BY seq"
         ):
-            records.append(record)
+            entries.append(JournalEntry(seq, chunk_id, count, _decode_ids(ids), record))
             items += count
-            last = seq
             if items >= max_items:
                 break
-        return records, items, last
+        return entries
+
+    def quarantine(self, bad: Sequence[Quarantined]) -> int:
+        """Set aside records that cannot become Parquet rows. Returns the journal items
+        removed.
+
+        In one transaction each record moves from the journal to ``quarantine``, its items
+        are no longer done and count one more attempt, and a chunk marked done goes back to
+        pending, so a restart re-queues them even if the caller never does.
+        """
+        now = time.time()
+        removed = 0
+        with self._transaction():
+            for q in bad:
+                row = self.conn.execute(
+                    "SELECT items FROM journal WHERE seq=?", (q.seq,)
+                ).fetchone()
+                removed += int(row[0]) if row else 0
+                self.conn.execute("DELETE FROM journal WHERE seq=?", (q.seq,))
+                self.conn.execute(
+                    "INSERT INTO quarantine(seq, chunk_id, item_ids, record, reason, created) "
+                    "VALUES(?,?,?,?,?,?)",
+                    (q.seq, q.chunk_id, _ids_encoder.encode(q.item_ids), q.record, q.reason, now),
+                )
+                runs = id_runs(q.item_ids)
+                self.conn.executemany(
+                    "UPDATE chunks SET status='pending', holder=NULL, deadline=NULL "
+                    "WHERE status='done' AND chunk_id IN "
+                    "(SELECT DISTINCT chunk_id FROM items WHERE item_id BETWEEN ? AND ?)",
+                    runs,
+                )
+                self.conn.executemany(
+                    "UPDATE items SET done=0, attempts=attempts+1 WHERE item_id BETWEEN ? AND ?",
+                    runs,
+                )
+        return removed
+
+    def quarantined(self) -> list[tuple[int, str, list[int], str]]:
+        """Records set aside: (seq, chunk_id, item_ids, reason), oldest first."""
+        return [
+            (seq, chunk_id or "", _decode_ids(ids) or [], reason)
+            for seq, chunk_id, ids, reason in self.conn.execute(
+                "SELECT seq, chunk_id, item_ids, reason FROM quarantine ORDER BY seq"
+            )
+        ]
+
+    def intend_part(self, name_of: Callable[[int], str]) -> str:
+        """Reserve the next part number (from the database, never the folder) and record
+        the part's name as intended before its file is written. Returns the name."""
+        with self._transaction():
+            row = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM parts").fetchone()
+            seq = int(row[0]) + 1
+            name = name_of(seq)
+            self.conn.execute(
+                "INSERT INTO parts(name, rows, created, state, seq) VALUES(?,0,?,'intended',?)",
+                (name, time.time(), seq),
+            )
+        return name
 
     def record_part(self, name: str, rows: int, last_seq: int) -> None:
-        """The part file is on disk: record it and drop its records from the journal, atomically."""
+        """The intended part is on disk: mark it recorded and drop its records from the
+        journal, atomically."""
         with self._transaction():
-            self.conn.execute(
-                "INSERT INTO parts(name, rows, created) VALUES(?,?,?)", (name, rows, time.time())
+            cur = self.conn.execute(
+                "UPDATE parts SET state='recorded', rows=?, created=? "
+                "WHERE name=? AND state='intended'",
+                (rows, time.time(), name),
             )
+            if cur.rowcount != 1:
+                raise StorageError(f"part {name} was not recorded as intended")
             self.conn.execute("DELETE FROM journal WHERE seq <= ?", (last_seq,))
 
+    def forget_parts(self, names: Iterable[str]) -> None:
+        """Drop intended parts whose files were removed (their rows are still journaled)."""
+        with self._transaction():
+            self.conn.executemany(
+                "DELETE FROM parts WHERE name=? AND state='intended'", ((n,) for n in names)
+            )
+
     def part_names(self) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT name FROM parts")}
+        """Recorded parts: the output."""
+        return {r[0] for r in self.conn.execute("SELECT name FROM parts WHERE state='recorded'")}
+
+    def intended_parts(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM parts WHERE state='intended'")]
 
     # -- helpers --------------------------------------------------------------------------
     def _transaction(self) -> _Transaction:

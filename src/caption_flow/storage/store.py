@@ -5,6 +5,11 @@ and SQLite sees a single writer. Results are group-committed: whatever arrived w
 previous transaction was running goes into the next one, and every submitter is answered
 when its rows are durable. Compaction (decode, build columns, write Parquet) runs on a
 second thread, and is never interrupted half-way: a part is always written *and* recorded.
+
+Journal records come from workers, so compaction expects records it cannot store: each such
+record is quarantined with its reason and its items go back to the queue, and the rest of the
+batch is written as usual. A compaction that fails for any other reason is logged and tried
+again later, with a growing pause.
 """
 
 from __future__ import annotations
@@ -18,9 +23,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from caption_flow.storage.parts import next_part_seq, part_name, remove_unrecorded, write_part
+import pyarrow as pa
+
+from caption_flow import faults
+from caption_flow.errors import StorageError
+from caption_flow.storage.parts import (
+    PART_GLOB,
+    check_part,
+    move_unrecognised,
+    part_name,
+    remove_part,
+    remove_stray_tmp,
+    write_part,
+)
 from caption_flow.storage.rows import decode_record, records_to_table
-from caption_flow.storage.state import ChunkState, JournalBatch, StateDB
+from caption_flow.storage.state import ChunkState, JournalBatch, JournalEntry, Quarantined, StateDB
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,6 +46,14 @@ _Pending = tuple[list[JournalBatch], list[ChunkState], "asyncio.Future[None]"]
 
 # Item keys read per range read when leasing (see CaptionStore.read_keys).
 KEY_READ_AHEAD = 4096
+# The compactor looks at the journal this often; after a failure it waits twice as long each
+# time, up to COMPACT_BACKOFF_MAX_S, so a broken disk is retried without spinning.
+COMPACT_POLL_S = 0.5
+COMPACT_BACKOFF_MAX_S = 30.0
+# A quarantine reason is an exception message, which may quote worker data: keep it short.
+REASON_CHARS = 500
+
+QuarantineHook = Callable[[str, list[int], str], None]
 
 
 class CaptionStore:
@@ -44,6 +69,9 @@ class CaptionStore:
         self.compact_rows = compact_rows
         self.compact_seconds = compact_seconds
         self.group_commit_s = group_commit_ms / 1000.0
+        # Called on the event loop once records are quarantined: (chunk_id, item_ids, reason).
+        self.on_quarantine: QuarantineHook | None = None
+        self._refuse_parts_without_database()
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-db")
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-parquet")
         self.db = StateDB(data_dir / "state.db")
@@ -57,28 +85,59 @@ class CaptionStore:
         self._journal_rows = 0
         self._oldest_unflushed: float | None = None
         self.committed_rows = 0
+        self.compact_failures = 0
+
+    def _refuse_parts_without_database(self) -> None:
+        """Parts without the database that records them: a lost or misplaced state.db. Going
+        on would start a new run over the old output, so stop before creating anything."""
+        if (self.data_dir / "state.db").exists() or not self.parts_dir.is_dir():
+            return
+        found = sum(1 for _ in self.parts_dir.rglob(PART_GLOB))
+        if found:
+            raise StorageError(
+                f"{self.parts_dir} holds {found} caption part file(s) but "
+                f"{self.data_dir / 'state.db'} does not exist: restore state.db to resume that "
+                f"run, or move {self.parts_dir} away (or use another --data-dir) to start a new "
+                "one; nothing was changed"
+            )
 
     async def run_db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the database thread."""
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
 
+    async def _run_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the Parquet thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._io_thread, fn, *args)
+
     async def start(self) -> None:
         """Repair what a crash left behind, then start the writer and the compactor."""
-        recorded = await self.run_db(self.db.part_names)
-        removed = remove_unrecorded(self.parts_dir, recorded)
-        missing = [n for n in recorded if not (self.parts_dir / n).exists()]
-        if missing:
-            log.error("recorded parts missing from disk: %s", ", ".join(sorted(missing)))
+        recorded = await self.run_db(self._repair)
         self._journal_rows = await self.run_db(self.db.journal_size)
         if self._journal_rows:
             self._oldest_unflushed = time.monotonic()
-        log.info(
-            "store ready: %d journal rows, %d parts, %d files removed",
-            self._journal_rows,
-            len(recorded),
-            len(removed),
-        )
+        log.info("store ready: %d journal rows, %d parts", self._journal_rows, recorded)
         self._tasks = [asyncio.create_task(self._compactor(), name="store-compactor")]
+
+    def _repair(self) -> int:
+        """Remove intended parts and temporary files (their rows are in the journal), move
+        unknown parts aside, report recorded parts that are gone. Returns the parts recorded."""
+        intended = self.db.intended_parts()
+        for name in intended:
+            if remove_part(self.parts_dir, name):
+                log.warning("removed %s, written but not recorded before a crash", name)
+        self.db.forget_parts(intended)
+        remove_stray_tmp(self.parts_dir)
+        recorded = self.db.part_names()
+        move_unrecognised(self.parts_dir, recorded)
+        missing = sorted(n for n in recorded if not (self.parts_dir / n).exists())
+        if missing:
+            log.error(
+                "%d recorded part(s) missing from %s, their rows are lost from the output: %s",
+                len(missing),
+                self.parts_dir,
+                ", ".join(missing),
+            )
+        return len(recorded)
 
     async def commit(
         self, batches: Sequence[JournalBatch] = (), chunk_states: Sequence[ChunkState] = ()
@@ -147,48 +206,130 @@ class CaptionStore:
             self._keys.update(self.reader.item_keys(first, max(last, first + KEY_READ_AHEAD)))
         return {i: self._keys.pop(i) for i in range(first, last + 1) if i in self._keys}
 
+    # -- compaction -------------------------------------------------------------------------
     async def _compactor(self) -> None:
+        """Compact when due; log every failure and retry after a pause that doubles."""
         while True:
-            await asyncio.sleep(0.5)
+            pause = COMPACT_POLL_S * 2**self.compact_failures
+            await asyncio.sleep(min(pause, COMPACT_BACKOFF_MAX_S))
             due = self._journal_rows >= self.compact_rows or (
                 self._oldest_unflushed is not None
                 and time.monotonic() - self._oldest_unflushed >= self.compact_seconds
             )
-            if due:
-                try:
-                    # Shielded so that stopping never leaves a written but unrecorded part.
-                    await asyncio.shield(self.compact(until_empty=False))
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("compaction failed; rows stay in the journal")
+            if not due:
+                continue
+            try:
+                # Shielded so that stopping never leaves a written but unrecorded part.
+                await asyncio.shield(self.compact(until_empty=False))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.compact_failures += 1
+                log.exception(
+                    "compaction failed (%d time(s) in a row); rows stay in the journal, "
+                    "next try in %.1fs",
+                    self.compact_failures,
+                    min(COMPACT_POLL_S * 2**self.compact_failures, COMPACT_BACKOFF_MAX_S),
+                )
+            else:
+                self.compact_failures = 0
 
     async def compact(self, until_empty: bool = True) -> int:
-        """Move journal records to Parquet parts. Returns the rows moved."""
+        """Move journal records to Parquet parts, quarantining records that cannot be
+        stored. Returns the rows written."""
         moved = 0
         async with self._compact_lock:
             while True:
-                records, rows, last_seq = await self.run_db(
-                    self.db.journal_batch, self.compact_rows
-                )
-                if not records:
+                entries = await self.run_db(self.db.journal_batch, self.compact_rows)
+                if not entries:
                     self._oldest_unflushed = None
                     break
-                name = part_name(next_part_seq(self.parts_dir))
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._io_thread, self._write, name, records)
-                await self.run_db(self.db.record_part, name, rows, last_seq)
-                moved += rows
-                self._journal_rows = max(0, self._journal_rows - rows)
-                self._oldest_unflushed = time.monotonic() if self._journal_rows else None
-                log.info("wrote %s (%d rows)", name, rows)
+                table, bad = await self._run_io(self._build, entries)
+                if table is not None:
+                    try:
+                        await self._write_part(entries, table)
+                    except Exception:
+                        bad = await self._run_io(self._find_bad, entries)
+                        if not bad:
+                            raise
+                if bad:
+                    await self._quarantine(bad)
+                    continue  # the same batch without them; not counted as a part
+                assert table is not None
+                moved += table.num_rows
                 if not until_empty:
                     break
         return moved
 
-    def _write(self, name: str, records: list[bytes]) -> None:
-        table = records_to_table(decode_record(r) for r in records)
+    def _build(self, entries: list[JournalEntry]) -> tuple[pa.Table | None, list[Quarantined]]:
+        """The batch's table, or (None, the records that make it fail)."""
+        try:
+            return records_to_table(decode_record(e.record) for e in entries), []
+        except Exception as exc:  # worker data: any failure may be one bad record
+            log.warning("%d journal records cannot be converted together (%s)", len(entries), exc)
+        bad = self._find_bad(entries)
+        if not bad:
+            raise StorageError("a journal batch cannot be converted, yet each record can")
+        return None, bad
+
+    @staticmethod
+    def _find_bad(entries: list[JournalEntry]) -> list[Quarantined]:
+        """Decode, convert and encode each record on its own: those that fail, with why."""
+        bad = []
+        for e in entries:
+            ids = e.item_ids or []
+            try:
+                record = decode_record(e.record)
+            except Exception as exc:  # bytes that are not a record
+                reason = f"cannot decode the record: {exc}"
+                bad.append(Quarantined(e.seq, e.chunk_id, ids, e.record, reason[:REASON_CHARS]))
+                continue
+            try:
+                check_part(records_to_table([record]))
+            except Exception as exc:  # values Arrow or Parquet refuse (out of range, ...)
+                reason = f"cannot store the record: {type(exc).__name__}: {exc}"
+                if e.item_ids is None:  # written by schema version 2
+                    ids = [item.item_id for item in record.items]
+                chunk_id = e.chunk_id or record.chunk_id
+                bad.append(Quarantined(e.seq, chunk_id, ids, e.record, reason[:REASON_CHARS]))
+        return bad
+
+    async def _write_part(self, entries: list[JournalEntry], table: pa.Table) -> None:
+        name = await self.run_db(self.db.intend_part, part_name)
+        try:
+            await self._run_io(self._write, name, table)
+            await self.run_db(self.db.record_part, name, table.num_rows, entries[-1].seq)
+        except BaseException:
+            # Not output: take the file and the intention back (start-up would otherwise).
+            with contextlib.suppress(Exception):
+                await self._run_io(remove_part, self.parts_dir, name)
+                await self.run_db(self.db.forget_parts, [name])
+            raise
+        self._journal_rows = max(0, self._journal_rows - sum(e.items for e in entries))
+        self._oldest_unflushed = time.monotonic() if self._journal_rows else None
+        log.info("wrote %s (%d rows)", name, table.num_rows)
+
+    def _write(self, name: str, table: pa.Table) -> None:
         write_part(self.parts_dir, name, table)
+        faults.reach(faults.PART_RENAMED)
+
+    async def _quarantine(self, bad: list[Quarantined]) -> None:
+        removed = await self.run_db(self.db.quarantine, bad)
+        self._journal_rows = max(0, self._journal_rows - removed)
+        for q in bad:
+            log.error(
+                "journal record %d (chunk %r, items %s) quarantined, its items go back to the "
+                "queue: %s",
+                q.seq,
+                q.chunk_id,
+                q.item_ids,
+                q.reason,
+            )
+            if self.on_quarantine is not None:
+                try:
+                    self.on_quarantine(q.chunk_id, list(q.item_ids), q.reason)
+                except Exception:
+                    log.exception("re-queueing the items of quarantined record %d failed", q.seq)
 
     async def close(self, flush: bool = True) -> None:
         """Stop the tasks; with ``flush``, move the journal to Parquet first."""
@@ -201,7 +342,13 @@ class CaptionStore:
         if self._in_flight is not None:  # a commit handed to the database thread completes
             await asyncio.wrap_future(self._in_flight)
         if flush:
-            await self.compact()  # waits for a compaction in progress (the lock)
+            try:
+                await self.compact()  # waits for a compaction in progress (the lock)
+            except Exception:
+                log.exception(
+                    "could not write the journal to Parquet on stop; its rows stay in "
+                    "state.db and are written at the next start"
+                )
         else:
             async with self._compact_lock:
                 pass

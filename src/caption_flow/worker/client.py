@@ -3,13 +3,18 @@
 Chunks, unacknowledged results and the pipeline live across connections; a connection only
 moves messages. After a drop the worker reconnects with exponential back-off, asks to keep
 the chunks it holds, resends every unacknowledged result and carries on.
+
+Every chunk the worker stops working on is released, never left to heartbeats: a clean stop
+releases without a reason; a chunk whose shard cannot be read, whose engine cannot run even
+one item, or whose results were rejected is released with the reason (the orchestrator counts
+an attempt). After a read or engine failure the worker waits (exponential back-off with
+jitter) before asking for work again, so a broken worker cannot burn through a dataset.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import ssl
@@ -23,7 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from caption_flow.config.models import DatasetConfig, ImageConfig, ModelConfig, WorkerConfig
 from caption_flow.engines.captioner import Captioner
-from caption_flow.errors import AuthError, ProtocolError
+from caption_flow.errors import AuthError, EngineUnavailableError, ProtocolError, SourceError
 from caption_flow.images.pool import DecodePool
 from caption_flow.protocol.connection import CLOSE_BAD_TOKEN, ClientConnection
 from caption_flow.protocol.messages import (
@@ -42,12 +47,14 @@ from caption_flow.protocol.messages import (
 )
 from caption_flow.sources import open_source
 from caption_flow.sources.base import Source
-from caption_flow.worker.outbox import Outbox
-from caption_flow.worker.pipeline import ChunkPipeline, EngineClock
+from caption_flow.worker.outbox import AckLog, Outbox
+from caption_flow.worker.pipeline import BatchLimit, ChunkPipeline, EngineClock
 
 log = logging.getLogger(__name__)
 
 FATAL_CLOSE_CODES = {CLOSE_BAD_TOKEN, 4003, 4426}
+MAX_REASON_CHARS = 1000  # the protocol allows more; a reason is for people, not a dump
+SETTLE_BEFORE_RELEASE_SECONDS = 10.0  # results sent before a release should land first
 
 
 class Worker:
@@ -56,7 +63,9 @@ class Worker:
         self.captioner = captioner or Captioner(
             config.engine, model_override=config.model, precision=config.precision
         )
+        self.limit = BatchLimit()  # the effective batch size, halved by engine failures
         self.outbox = Outbox()
+        self.ack_log = AckLog(config.ack_log) if config.ack_log is not None else None
         self.queue: asyncio.Queue[ChunkLease] = asyncio.Queue()
         self.current: ChunkLease | None = None
         self.abandoned: set[str] = set()
@@ -65,6 +74,11 @@ class Worker:
         self.source: Source | None = None
         self.clock = EngineClock()
         self.lease_seconds = float("inf")
+        self.job_heartbeat_seconds = float("inf")  # the orchestrator's wish, if it said one
+        self.failures = 0  # chunks stopped in a row by read or engine failures
+        self._resume_at = 0.0  # monotonic time before which no work is asked for
+        self._current_abandoned = False
+        self._vetoed_job: ModelConfig | None = None
         self.fatal: Exception | None = None  # why processing stopped for good, if it did
         self.session_id: str | None = None
         self.finished = asyncio.Event()  # the orchestrator has no more work for anyone
@@ -91,6 +105,8 @@ class Worker:
             self._decode_pool.close()
             self._engine_thread.shutdown(wait=True)
             self.captioner.close()
+            if self.ack_log is not None:
+                self.ack_log.close()
         if self.fatal is not None:
             raise self.fatal
 
@@ -193,7 +209,7 @@ class Worker:
         ]
         try:
             async for frame in ws:
-                self._on_message(protocol.receive(frame))
+                await self._on_message(protocol.receive(frame))
                 if self._done():
                     await ws.close()
         finally:
@@ -201,20 +217,30 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _on_message(self, message: Any) -> None:
+    async def _on_message(self, message: Any) -> None:
         if isinstance(message, Ack):
-            self.outbox.settle(message.seq)
+            settled = self.outbox.settle(message.seq)
+            if settled is not None and self.ack_log is not None:
+                self.ack_log.write(settled)
         elif isinstance(message, Reject):
             settled = self.outbox.settle(message.seq)
-            if settled is not None:
-                log.warning("results for %s rejected: %s", settled.chunk_id, message.reason)
+            if settled is not None and settled.chunk_id not in self.abandoned:
+                log.warning(
+                    "results for %s rejected: %s; releasing it", settled.chunk_id, message.reason
+                )
                 self._abandon(settled.chunk_id)
+                await self._release(settled.chunk_id, f"rejected: {message.reason}")
         elif isinstance(message, Assign):
             log.debug(
                 "assigned %s (finished=%s)", [c.chunk_id for c in message.chunks], message.finished
             )
             for chunk in message.chunks:
-                self.queue.put_nowait(chunk)
+                self.abandoned.discard(chunk.chunk_id)  # a new lease, whatever happened before
+                if self._backing_off():
+                    # Asked for before the failure: hand it straight back, at no cost to it.
+                    await self._release(chunk.chunk_id, "")
+                else:
+                    self.queue.put_nowait(chunk)
             if message.finished:
                 self.finished.set()
             if not message.chunks:
@@ -228,9 +254,33 @@ class Worker:
             log.info("job updated by the orchestrator; applies from the next batch")
 
     def _apply_job(self, payload: dict[str, Any]) -> None:
-        self.job = ModelConfig.model_validate(payload["vllm"])
+        """Take the orchestrator's job, under this worker's own rules.
+
+        The worker's veto on remote code is applied here, so neither the orchestrator's
+        config nor an admin's ``set_config`` can turn it on; dataset credentials come from
+        this worker's config, never from the orchestrator.
+        """
+        job = ModelConfig.model_validate(payload["vllm"])
+        if job.trust_remote_code and not self.config.allow_remote_code:
+            if job != self._vetoed_job:
+                log.warning(
+                    "the job asks for trust_remote_code; running without it (start the "
+                    "worker with --allow-remote-code to allow a model's own code)"
+                )
+                self._vetoed_job = job
+            job = job.model_copy(update={"trust_remote_code": False})
+        self.job = job
         self.lease_seconds = float(payload.get("lease_seconds", self.lease_seconds))
-        dataset = DatasetConfig.model_validate(payload["dataset"])
+        wanted = payload.get("heartbeat_seconds")
+        if isinstance(wanted, (int, float)) and wanted > 0:
+            self.job_heartbeat_seconds = float(wanted)
+        settings = dict(payload["dataset"])
+        if self.config.dataset_storage_options:
+            settings["storage_options"] = {
+                **(settings.get("storage_options") or {}),
+                **self.config.dataset_storage_options,
+            }
+        dataset = DatasetConfig.model_validate(settings)
         if dataset != self.dataset:
             self.dataset = dataset
             self.source = open_source(dataset, path_override=self.config.dataset_path)
@@ -247,15 +297,33 @@ class Worker:
         for chunk_id in lost:
             self._abandon(chunk_id)
 
-    def _abandon(self, chunk_id: str) -> None:
+    def _abandon(self, chunk_id: str, keep_results: bool = False) -> None:
+        """Stop working on ``chunk_id``; unless ``keep_results``, forget its unsent results."""
         self.abandoned.add(chunk_id)
-        self.outbox.drop_chunk(chunk_id)
+        if self.current is not None and self.current.chunk_id == chunk_id:
+            self._current_abandoned = True
+        if not keep_results:
+            self.outbox.drop_chunk(chunk_id)
+
+    async def _release(self, chunk_id: str, reason: str) -> None:
+        """Hand ``chunk_id`` back now. Without a connection the next hello omits it instead."""
+        ws = self._ws
+        if ws is None:
+            log.info("not connected; %s is handed back by omission on reconnect", chunk_id)
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(encode(Release(chunk_id=chunk_id, reason=reason[:MAX_REASON_CHARS])))
+
+    def heartbeat_interval(self) -> float:
+        """Often enough that a lease never lapses while this worker is alive."""
+        return min(
+            self.config.heartbeat_seconds, self.job_heartbeat_seconds, self.lease_seconds / 3
+        )
 
     async def _heartbeat_loop(self, ws: WSClient) -> None:
         started, items = time.monotonic(), self.clock.items
         while True:
-            # Often enough that a lease never lapses while this worker is alive.
-            await asyncio.sleep(min(self.config.heartbeat_seconds, self.lease_seconds / 3))
+            await asyncio.sleep(self.heartbeat_interval())
             elapsed = time.monotonic() - started
             stats = {
                 "items_per_s": round((self.clock.items - items) / max(elapsed, 1e-6), 3),
@@ -271,6 +339,8 @@ class Worker:
         while True:
             await self._want_work.wait()
             self._want_work.clear()
+            if self._backing_off():
+                continue  # the back-off sets the event again when it ends
             have = self.queue.qsize() + (1 if self.current is not None else 0)
             want = 1 + self.config.prefetch_chunks - have
             if want > 0 and not self.stopped.is_set():
@@ -285,18 +355,27 @@ class Worker:
             if chunk.chunk_id in self.abandoned:
                 continue
             self.current = chunk
-            assert self.source is not None
-            pipeline = ChunkPipeline(
-                self.source, self.captioner, self._decode_pool, self._engine_thread, self.clock
-            )
+            self._current_abandoned = False
+            stopped_by: str | None = None
             try:
-                await pipeline.run(
-                    chunk,
-                    job=lambda: self._job(),
-                    batch_size=lambda: self.config.batch_size or self._job().batch_size,
-                    emit=self._emit,
-                    abandoned=functools.partial(self.abandoned.__contains__, chunk.chunk_id),
+                await self._caption_chunk(chunk)
+                self.failures = 0
+            except EngineUnavailableError as exc:
+                stopped_by = f"engine unavailable: {exc}"
+                self._begin_back_off()
+                log.error(
+                    "the engine cannot run even one item (%s); handing back %s and the "
+                    "queued chunks",
+                    exc,
+                    chunk.chunk_id,
                 )
+                await self._stop_chunk(chunk, stopped_by)
+                await self._hand_back_queue()
+            except SourceError as exc:
+                stopped_by = f"read failed: {exc}"
+                self._begin_back_off()
+                log.error("%s; handing the chunk back", exc)
+                await self._stop_chunk(chunk, stopped_by)
             except Exception as exc:
                 # The engine cannot run this job (a model that does not load, an invalid
                 # stage graph, or a bug): never sit on leases it cannot finish.
@@ -306,9 +385,70 @@ class Worker:
                 return
             finally:
                 self.current = None
-                self._want_work.set()
+            if stopped_by is not None:
+                await self._back_off(stopped_by)
+            self._want_work.set()
             if self._done() and self._ws is not None:
                 await self._ws.close()
+
+    async def _caption_chunk(self, chunk: ChunkLease) -> None:
+        assert self.source is not None
+        pipeline = ChunkPipeline(
+            self.source,
+            self.captioner,
+            self._decode_pool,
+            self._engine_thread,
+            self.clock,
+            self.limit,
+        )
+        chunk_id = chunk.chunk_id
+        await pipeline.run(
+            chunk,
+            job=lambda: self._job(),
+            batch_size=lambda: self.config.batch_size or self._job().batch_size,
+            emit=self._emit,
+            abandoned=lambda: self._current_abandoned or chunk_id in self.abandoned,
+        )
+
+    async def _stop_chunk(self, chunk: ChunkLease, reason: str) -> None:
+        """Release a chunk this worker could not finish, after its sent results land."""
+        self._abandon(chunk.chunk_id, keep_results=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self.outbox.wait_chunk_settled(chunk.chunk_id), SETTLE_BEFORE_RELEASE_SECONDS
+            )
+        await self._release(chunk.chunk_id, reason)
+
+    async def _hand_back_queue(self) -> None:
+        """Queued chunks were never tried: released without a reason, so they cost nothing."""
+        while not self.queue.empty():
+            queued = self.queue.get_nowait()
+            if queued.chunk_id not in self.abandoned:
+                self._abandon(queued.chunk_id)
+                await self._release(queued.chunk_id, "")
+
+    def _backing_off(self) -> bool:
+        return time.monotonic() < self._resume_at
+
+    def _begin_back_off(self) -> None:
+        """From now on no work is asked for, and chunks still arriving go straight back."""
+        self.failures += 1
+        base = self.config.engine_backoff_seconds * 2 ** min(self.failures - 1, 30)
+        delay = min(base * (0.75 + 0.5 * random.random()), self.config.engine_backoff_max_seconds)
+        self._resume_at = time.monotonic() + delay
+
+    async def _back_off(self, why: str) -> None:
+        """Wait before asking for work again: exponential in failures in a row, with jitter."""
+        delay = max(0.0, self._resume_at - time.monotonic())
+        log.warning(
+            "chunk stopped (%s); failure %d in a row, asking for work again in %.1f s",
+            why[:200],
+            self.failures,
+            delay,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopped.wait(), delay)
+        self._resume_at = 0.0
 
     def _job(self) -> ModelConfig:
         assert self.job is not None

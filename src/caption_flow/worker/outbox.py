@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
+from typing import TextIO
 
 from caption_flow.protocol.messages import Results
 
@@ -31,6 +34,12 @@ class Outbox:
             del self._pending[seq]
         self._changed.set()
 
+    async def wait_chunk_settled(self, chunk_id: str) -> None:
+        """Wait until no message for ``chunk_id`` is unacknowledged."""
+        while any(m.chunk_id == chunk_id for m in self._pending.values()):
+            self._changed.clear()
+            await self._changed.wait()
+
     def unacked(self) -> list[Results]:
         return [self._pending[s] for s in sorted(self._pending)]
 
@@ -49,3 +58,33 @@ class Outbox:
 
     async def wait_empty(self) -> None:
         await self.wait_below(1)
+
+
+class AckLog:
+    """One JSON line per acknowledged item, appended as each ack arrives.
+
+    A record of what the orchestrator promised is durable, for crash tests and audits: every
+    line must match a row of the final output. Line-buffered, so a killed worker loses at
+    most the line being written.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO | None = path.open("a", buffering=1, encoding="utf-8")
+
+    def write(self, message: Results) -> None:
+        if self._file is None:
+            return
+        for item in message.items:
+            line = {
+                "item_id": item.item_id,
+                "key": item.key,
+                "outputs": item.outputs,
+                "error": item.error,
+            }
+            self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

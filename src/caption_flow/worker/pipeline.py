@@ -2,7 +2,10 @@
 
 Reading and decoding of the next batch overlap with inference on the current one (a bounded
 queue between a producer and the engine). Per-item failures (unreadable, undecodable, engine
-error) become failed results with a reason; they never stop the chunk.
+error) become failed results with a reason; they never stop the chunk. What does stop it is
+raised to the worker, which hands the chunk back: the shard cannot be read (SourceError), or
+the engine cannot run even one item (EngineUnavailableError, after the batch was halved down
+to one item).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from caption_flow.config.models import ModelConfig
 from caption_flow.engines.base import CaptionInput
 from caption_flow.engines.captioner import Captioner
+from caption_flow.errors import EngineUnavailableError, SourceError
 from caption_flow.images.pool import DecodedImage, DecodePool
 from caption_flow.protocol.messages import ChunkLease, ItemResult
 from caption_flow.sources.base import Source, SourceItem
@@ -50,6 +55,25 @@ class EngineClock:
         return self.busy_s / max(time.monotonic() - self.started, 1e-6)
 
 
+@dataclass
+class BatchLimit:
+    """The worker's effective batch size: halved on each engine failure, for good.
+
+    Sticky on purpose: a batch that ran out of memory once will again, so the worker keeps
+    the size that worked rather than failing its way back down after every chunk.
+    """
+
+    limit: int | None = None
+
+    def cap(self, wanted: int) -> int:
+        return max(1, wanted if self.limit is None else min(wanted, self.limit))
+
+    def shrink(self, failed_size: int) -> int:
+        """The size to try after a batch of ``failed_size`` items could not run."""
+        self.limit = max(1, self.cap(failed_size) // 2)
+        return self.limit
+
+
 class ChunkPipeline:
     def __init__(
         self,
@@ -58,12 +82,14 @@ class ChunkPipeline:
         decode_pool: DecodePool,
         engine_thread: Executor,
         clock: EngineClock,
+        limit: BatchLimit | None = None,
     ) -> None:
         self.source = source
         self.captioner = captioner
         self.decode_pool = decode_pool
         self.engine_thread = engine_thread
         self.clock = clock
+        self.limit = limit or BatchLimit()
 
     async def run(
         self,
@@ -73,19 +99,65 @@ class ChunkPipeline:
         emit: Emit,
         abandoned: Callable[[], bool],
     ) -> None:
-        """Caption every item of ``chunk``; ``job`` is read per batch so updates apply."""
+        """Caption every item of ``chunk``; ``job`` is read per batch so updates apply.
+
+        Raises SourceError when the shard cannot be read to the end and
+        EngineUnavailableError when the engine cannot caption even one item; results
+        emitted before either stay valid.
+        """
         batches: asyncio.Queue[list[Decoded] | None] = asyncio.Queue(maxsize=2)
-        producer = asyncio.create_task(self._produce(chunk, job, batch_size, batches, abandoned))
+
+        def size() -> int:
+            return self.limit.cap(batch_size())
+
+        producer = asyncio.create_task(self._produce(chunk, job, size, batches, abandoned))
         try:
             while (batch := await batches.get()) is not None:
                 if abandoned():
                     break
-                current = job()
-                results = await self._caption(batch, current)
-                await emit(chunk.chunk_id, results, self.captioner.model_name(current))
+                await self._caption_shrinking(chunk.chunk_id, batch, job, emit, abandoned)
+            else:
+                failure = await producer
+                if failure is not None:
+                    raise SourceError(f"reading chunk {chunk.chunk_id} failed: {failure}")
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
+
+    async def _caption_shrinking(
+        self,
+        chunk_id: str,
+        batch: list[Decoded],
+        job: Callable[[], ModelConfig],
+        emit: Emit,
+        abandoned: Callable[[], bool],
+    ) -> None:
+        """Caption ``batch`` in parts no larger than the limit, halving it on engine failure."""
+        parts: deque[list[Decoded]] = deque([batch])
+        while parts and not abandoned():
+            part = parts.popleft()
+            size = self.limit.cap(len(part))
+            if len(part) > size:
+                parts.extendleft(reversed([part[i : i + size] for i in range(0, len(part), size)]))
+                continue
+            current = job()
+            try:
+                results = await self._caption(part, current)
+            except EngineUnavailableError as exc:
+                engine_items = sum(d.caption_input is not None for d in part)
+                if engine_items <= 1:
+                    log.error("engine failed on a single item of %s: %s", chunk_id, exc)
+                    raise
+                smaller = self.limit.shrink(len(part))
+                log.warning(
+                    "engine failed on %d items (%s); batch size is now %d for this worker",
+                    len(part),
+                    exc,
+                    smaller,
+                )
+                parts.appendleft(part)
+                continue
+            await emit(chunk_id, results, self.captioner.model_name(current))
 
     async def _produce(
         self,
@@ -94,7 +166,9 @@ class ChunkPipeline:
         batch_size: Callable[[], int],
         out: asyncio.Queue[list[Decoded] | None],
         abandoned: Callable[[], bool],
-    ) -> None:
+    ) -> Exception | None:
+        """Read and decode batches into ``out``, then None; returns why reading stopped early."""
+        failure: Exception | None = None
         loop = asyncio.get_running_loop()
         ids = {ref.key: ref.item_id for ref in chunk.items}
         keys = [ref.key for ref in chunk.items]
@@ -119,14 +193,16 @@ class ChunkPipeline:
                         for item, image in zip(raw, images, strict=True)
                     ]
                 )
-        except Exception:
+        except Exception as exc:  # any reader failure: the worker hands the chunk back
             log.exception("reading chunk %s failed", chunk.chunk_id)
+            failure = exc
         finally:
             close = getattr(reader, "close", None)
             if close is not None:
                 close()
         # Not in ``finally``: once cancelled, nobody reads the queue and a put would hang.
         await out.put(None)
+        return failure
 
     async def _caption(self, batch: Sequence[Decoded], job: ModelConfig) -> list[ItemResult]:
         ready = [d for d in batch if d.caption_input is not None]
