@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow.dataset as ds
-
 from caption_flow.config.models import (
     AuthConfig,
     DatasetConfig,
@@ -21,6 +19,7 @@ from caption_flow.config.models import (
     WorkerConfig,
 )
 from caption_flow.orchestrator.server import Orchestrator
+from caption_flow.storage.reader import output_dataset
 from caption_flow.worker.client import Worker
 
 # One scaled unit for every wait in the tests: a slow machine changes this number only.
@@ -81,10 +80,9 @@ def worker_config(port: int, name: str = "alice", **overrides: Any) -> WorkerCon
 
 def read_rows(data_dir: Path) -> list[dict[str, Any]]:
     """Every output row in the Parquet parts."""
-    files = sorted(str(p) for p in (data_dir / "captions").glob("part-*.parquet"))
-    if not files:
+    if not any((data_dir / "captions").glob("part-*.parquet")):
         return []
-    return ds.dataset(files, format="parquet").to_table().to_pylist()
+    return output_dataset(data_dir / "captions").to_table().to_pylist()
 
 
 async def caption_all(

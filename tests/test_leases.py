@@ -290,7 +290,7 @@ class BookMachine(RuleBasedStateMachine):
 
 
 TestBookMachine = BookMachine.TestCase
-TestBookMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestBookMachine.settings = settings(max_examples=400, stateful_step_count=40, deadline=None)
 
 
 def test_chunks_leased_before_a_restart_wait_for_their_worker(tmp_path: Path) -> None:

@@ -59,6 +59,34 @@ def test_every_message_round_trips_through_its_tag() -> None:
         msgspec.msgpack.encode({"chunks": []}),  # no tag: never guessed from keys
         msgspec.msgpack.encode({"type": "request", "count": "many"}),
         msgspec.msgpack.encode([1, 2, 3]),
+        b"\x81\xa4type\xa2\xc3\x28",  # a str that is not UTF-8
+        # Out of the bounds every field carries:
+        msgspec.msgpack.encode({"type": "request", "count": 10**6}),
+        msgspec.msgpack.encode(
+            {"type": "results", "chunk_id": "c", "seq": 1, "items": [{"item_id": -1, "key": "k"}]}
+        ),
+        msgspec.msgpack.encode(
+            {
+                "type": "results",
+                "chunk_id": "c",
+                "seq": 1,
+                "items": [{"item_id": 1, "key": "k", "width": 2**40}],
+            }
+        ),
+        msgspec.msgpack.encode(
+            {
+                "type": "results",
+                "chunk_id": "c",
+                "seq": 1,
+                "items": [{"item_id": 1, "key": "k"}] * 10_001,
+            }
+        ),
+        msgspec.msgpack.encode({"type": "heartbeat", "stats": {f"s{i}": 1.0 for i in range(33)}}),
+        msgspec.msgpack.encode({"type": "hello", "role": "worker", "token": "t" * 513}),
+        msgspec.msgpack.encode(
+            {"type": "hello", "role": "worker", "token": "t", "held_chunks": ["c"] * 65}
+        ),
+        msgspec.msgpack.encode({"type": "release", "chunk_id": "c", "reason": "r" * 2001}),
     ],
 )
 def test_malformed_frames_are_protocol_errors_with_4400(frame: bytes) -> None:

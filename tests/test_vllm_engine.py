@@ -23,10 +23,9 @@ from PIL import Image
 
 from caption_flow.config.models import ModelConfig, SamplingConfig
 from caption_flow.demo.tiny_model import generate_images
-from caption_flow.engines import captioner as captioner_module
 from caption_flow.engines.base import CaptionInput, Engine, EngineSpec, GenerationRequest
 from caption_flow.engines.captioner import Captioner
-from caption_flow.engines.factory import EngineKind
+from caption_flow.engines.factory import EngineKind, load_engine
 from caption_flow.engines.spec import spec_from_job
 from caption_flow.engines.vllm_engine import VLLMEngine, engine_args, sampling_kwargs
 from caption_flow.errors import EngineError
@@ -227,15 +226,13 @@ def test_captioner_runs_the_vllm_engine(
     engine: VLLMEngine,
     images: list[Image.Image],
     tiny_model_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def shared_engine(kind: EngineKind, spec: EngineSpec) -> VLLMEngine:
         assert (kind, spec) == ("vllm", engine.spec)
         return engine
 
-    monkeypatch.setattr(captioner_module, "load_engine", shared_engine)
     batch = [CaptionInput(key=str(i), image=image) for i, image in enumerate(images)]
-    outputs = Captioner("vllm").caption(batch, _job(tiny_model_dir))
+    outputs = Captioner("vllm", loader=shared_engine).caption(batch, _job(tiny_model_dir))
     expected = engine.generate(_requests(images), GREEDY)
     assert [o.error for o in outputs] == [None] * len(images)
     assert [o.outputs["captions"] for o in outputs] == [
@@ -258,16 +255,13 @@ def test_a_spec_change_closes_the_engine_and_loads_another(
     engine: VLLMEngine,
     images: list[Image.Image],
     tiny_model_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Runs last: closing the shared engine tears down state every in-process engine uses."""
-    load_engine = captioner_module.load_engine
 
     def shared_or_new(kind: EngineKind, spec: EngineSpec) -> Engine:
         return engine if spec == engine.spec else load_engine(kind, spec)
 
-    monkeypatch.setattr(captioner_module, "load_engine", shared_or_new)
-    captioner = Captioner("vllm")
+    captioner = Captioner("vllm", loader=shared_or_new)
     batch = [CaptionInput(key="0", image=images[0])]
     old_llm = weakref.ref(engine.llm)
     changed = _job(

@@ -130,7 +130,7 @@ class StorageConfig(_Strict):
 class TokenEntry(_Strict):
     """A token and the contributor it names. ``token`` may be ``sha256:<hex>``."""
 
-    name: str
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[^/]+$")
     token: str
 
 
@@ -199,6 +199,13 @@ class OrchestratorConfig(_Strict):
     max_item_attempts: int = Field(
         3, ge=1, description="failed tries of one item, across workers, before its error is final"
     )
+    max_attempts_per_contributor: int | None = Field(
+        None,
+        ge=1,
+        description="failed leases of a chunk that one contributor can count towards "
+        "max_chunk_attempts; default: all of them when there is one worker token, else 1 "
+        "(so no single token can fail chunks)",
+    )
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     limits: LimitsConfig = LimitsConfig()
     status_interval: float = Field(30.0, gt=0)
@@ -245,9 +252,7 @@ class WorkerConfig(_Strict):
         description="first wait before asking for work again after the engine could not run "
         "(out of memory, lost CUDA context); doubles per failure, with jitter",
     )
-    engine_backoff_max_seconds: float = Field(
-        300.0, gt=0, description="the longest such wait"
-    )
+    engine_backoff_max_seconds: float = Field(300.0, gt=0, description="the longest such wait")
 
 
 class OrchestratorFile(_Strict):

@@ -106,9 +106,10 @@ class Captioner:
         model_override: str | None = None,
         precision: str | None = None,
         device: str = "auto",
-        loader: EngineLoader = load_engine,
+        loader: EngineLoader | None = None,
     ) -> None:
-        """``loader`` loads an engine for a spec; tests pass one where a GPU is needed."""
+        """``loader`` loads an engine for a spec (default: :func:`load_engine`); tests pass
+        one to stand in for what needs a GPU."""
         self.kind: EngineKind = kind
         self.model_override = model_override
         self.precision = precision
@@ -230,7 +231,7 @@ class Captioner:
     def _engine(self, spec: EngineSpec) -> Engine:
         engine = self._engines.get(spec)
         if engine is None:
-            engine = self._loader(self.kind, spec)
+            engine = (self._loader or load_engine)(self.kind, spec)
             self._engines[spec] = engine
         return engine
 

@@ -60,7 +60,12 @@ def build_book(db: StateDB, config: OrchestratorConfig, now: float | None = None
         max_chunks_per_session=config.max_chunks_per_session,
         reconnect_seconds=config.reconnect_seconds,
         max_item_attempts=config.max_item_attempts,
+        attempts_per_contributor=config.max_attempts_per_contributor
+        or (config.max_chunk_attempts if len(config.auth.worker_tokens) <= 1 else 1),
     )
+    repaired = db.finish_chunks()  # databases from before results and states shared a commit
+    if repaired:
+        log.info("%d finished chunks were still marked leased or pending; marked done", repaired)
     for row in db.load_chunks():
         finished = row.status == "done"
         book.add_chunk(

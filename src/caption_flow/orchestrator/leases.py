@@ -29,11 +29,17 @@ from caption_flow.errors import NotLeasedError
 RECLAIM_HOLDER = "(awaiting reconnect)"
 
 
-class ChunkStatus(str, enum.Enum):
+class ChunkStatus(enum.StrEnum):
     PENDING = "pending"
     LEASED = "leased"
     DONE = "done"
     FAILED = "failed"
+
+
+def owner_contributor(owner: str | None) -> str:
+    """The contributor part of an owner label ``contributor/worker`` (contributor names hold
+    no slash; worker names may)."""
+    return (owner or "").partition("/")[0]
 
 
 @dataclass
@@ -52,6 +58,9 @@ class Chunk:
     status: ChunkStatus = ChunkStatus.PENDING
     holder: str | None = None  # the session holding the lease
     owner: str | None = None  # who may reclaim it after a reconnect: "contributor/worker"
+    # Failed leases per contributor; each contributor counts at most ``per_contributor``
+    # of them, so one token cannot fail chunks on its own.
+    failures: dict[str, int] = field(default_factory=dict)
     deadline: float = 0.0
     progress_at: float = 0.0
     attempts: int = 0
@@ -115,6 +124,7 @@ class ChunkBook:
         max_chunks_per_session: int = 4,
         reconnect_seconds: float = 30.0,
         max_item_attempts: int = 3,
+        attempts_per_contributor: int | None = None,
     ) -> None:
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
@@ -122,12 +132,16 @@ class ChunkBook:
         self.max_chunks_per_session = max_chunks_per_session
         self.reconnect_seconds = min(reconnect_seconds, lease_seconds)
         self.max_item_attempts = max_item_attempts
+        self.attempts_per_contributor = attempts_per_contributor or max_attempts
         self.chunks: dict[str, Chunk] = {}
         # The lease queue: a deque with lazy deletion (an id popped that is no longer in
         # ``_queued`` is skipped), so leasing and releasing stay O(1) at any dataset size.
         self._queue: deque[str] = deque()
         self._queued: set[str] = set()
         self._held: dict[str, set[str]] = {}  # session -> chunk ids
+        # Pending chunks left out of the queue because every missing item is on its way to
+        # the store: the run is not finished until those commits are answered.
+        self._settling: set[str] = set()
         self._progress: dict[str, float] = {}  # session -> last time it made progress
         self.items_total = 0
         self.items_done = 0
@@ -180,6 +194,7 @@ class ChunkBook:
             chunk = self.chunks[chunk_id]
             missing = chunk.missing()
             if not missing:  # everything is in flight; the commit will finish it
+                self._settling.add(chunk_id)
                 continue
             chunk.progress_at = now
             leases.append(self._grant(chunk, session, owner, now, missing))
@@ -327,8 +342,10 @@ class ChunkBook:
             if chunk.holder is not None:
                 self._drop_holding(chunk.holder, chunk_id)
             self._queued.discard(chunk_id)
+            self._settling.discard(chunk_id)
             self._mark_done(chunk)
             return ChunkStatus.DONE
+        self._settle_pending(chunk)
         return self._requeue_if_used_up(chunk)
 
     def abort(self, chunk_id: str, item_ids: Iterable[int]) -> ChunkStatus | None:
@@ -336,9 +353,7 @@ class ChunkBook:
         chunk is in now (it may have been re-leased while the commit ran)."""
         chunk = self.chunks[chunk_id]
         chunk.inflight.difference_update(item_ids)
-        if chunk.status is ChunkStatus.PENDING:
-            self._enqueue(chunk_id)
-            return None
+        self._settle_pending(chunk)
         return self._requeue_if_used_up(chunk)
 
     def requeue_items(self, chunk_id: str, item_ids: Iterable[int]) -> ChunkStatus | None:
@@ -357,6 +372,16 @@ class ChunkBook:
             self._enqueue(chunk_id, front=True)
             return ChunkStatus.PENDING
         return self._requeue_if_used_up(chunk)
+
+    def _settle_pending(self, chunk: Chunk) -> None:
+        """A pending chunk out of the queue (its last items were in flight) goes back in
+        once something is missing again."""
+        if chunk.status is ChunkStatus.PENDING:
+            if chunk.missing():
+                self._settling.discard(chunk.chunk_id)
+                self._enqueue(chunk.chunk_id)
+            elif not chunk.inflight:
+                self._settling.discard(chunk.chunk_id)
 
     def _requeue_if_used_up(self, chunk: Chunk) -> ChunkStatus | None:
         if chunk.status is ChunkStatus.LEASED and not chunk.granted and not chunk.inflight:
@@ -419,7 +444,13 @@ class ChunkBook:
         return expired
 
     def _count_attempt(self, chunk: Chunk, session: str, why: str) -> Expiry:
-        chunk.attempts += 1
+        """One more failed lease; only ``attempts_per_contributor`` of them per contributor
+        count towards failing the chunk."""
+        contributor = owner_contributor(chunk.owner)
+        failures = chunk.failures.get(contributor, 0) + 1
+        chunk.failures[contributor] = failures
+        if failures <= self.attempts_per_contributor:
+            chunk.attempts += 1
         failed = chunk.attempts >= self.max_attempts
         if failed:
             chunk.status = ChunkStatus.FAILED
@@ -453,4 +484,4 @@ class ChunkBook:
     @property
     def finished(self) -> bool:
         """No chunk is pending or leased: nothing left to hand out or wait for."""
-        return not self._queued and not self._held
+        return not self._queued and not self._held and not self._settling

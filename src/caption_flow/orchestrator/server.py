@@ -71,6 +71,7 @@ class Orchestrator:
             compact_seconds=config.storage.compact_seconds,
             group_commit_ms=config.storage.group_commit_ms,
         )
+        self.store.output_fields = set(self._rules.fields)
         self.authenticate = Authenticator(config.auth)
         self.book: ChunkBook | None = None
         self.desk: WorkerDesk | None = None
@@ -81,6 +82,7 @@ class Orchestrator:
         self._server: Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.finished = asyncio.Event()
+        self._stopped = False
         self.fatal: str | None = None  # why the process must stop, when it must
         self.failed = asyncio.Event()
 
@@ -159,6 +161,10 @@ class Orchestrator:
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
     async def stop(self) -> None:
+        """Stop serving and flush the journal to Parquet. Calling it again does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -238,6 +244,9 @@ class Orchestrator:
             await websocket.close(exc.close_code, str(exc)[:120])
         except ConnectionClosed:
             pass
+        except Exception:  # a bug of ours: this connection ends, the server goes on
+            log.exception("closing %s after an internal error", session.name)
+            await websocket.close(CLOSE_INTERNAL, "internal error")
 
     async def _dispatch(self, session: Session, message: Message, size: int) -> None:
         assert self.desk is not None and self.book is not None
@@ -300,6 +309,7 @@ class Orchestrator:
         # Results of batches started on the old job still pass while workers switch.
         self._rules = rules.merged(JobRules.of(self.job))
         self.job = job
+        self.store.output_fields |= set(rules.fields)
         update = ConfigUpdate(config=self.job_payload())
         workers = [s for s in self.sessions.values() if s.role == "worker"]
         await asyncio.gather(*(s.send(update) for s in workers))

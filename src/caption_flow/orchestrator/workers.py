@@ -71,7 +71,8 @@ class WorkerDesk:
         """A chunk as the book sees it; the deadline as wall-clock time, for people."""
         c = self.book.chunks[chunk_id]
         deadline = time.time() + (c.deadline - time.monotonic()) if c.deadline else None
-        return ChunkState(chunk_id, c.status.value, c.attempts, c.reason, c.owner, deadline)
+        holder = c.owner if c.status is ChunkStatus.LEASED else None
+        return ChunkState(chunk_id, c.status.value, c.attempts, c.reason, holder, deadline)
 
     async def save(self, chunk_ids: list[str]) -> None:
         if chunk_ids:
@@ -221,9 +222,9 @@ class WorkerDesk:
                 await self.save([results.chunk_id])
             raise
         changed = self.book.commit(results.chunk_id, batch.item_ids, batch.retry_ids)
-        if changed is not None:
-            if changed is ChunkStatus.DONE:
-                self._lease_keys.pop(results.chunk_id, None)
+        if changed is ChunkStatus.DONE:  # the results' own transaction marked it done
+            self._lease_keys.pop(results.chunk_id, None)
+        elif changed is not None:
             await self.save([results.chunk_id])
         self.items_failed += batch.failed
         session.items_done += len(batch.item_ids)

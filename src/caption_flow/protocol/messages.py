@@ -217,5 +217,5 @@ def decode(frame: bytes | str) -> Message:
         raise ProtocolError("text frames are not part of the protocol", close_code=4400)
     try:
         return _decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.MsgspecError, ValueError) as exc:  # ValueError: invalid UTF-8 in a str
         raise ProtocolError(f"malformed message: {exc}", close_code=4400) from exc

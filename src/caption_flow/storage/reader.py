@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from caption_flow.storage.parts import PART_GLOB
 
 
 def output_dataset(parts_dir: Path) -> ds.Dataset:
+    """Every part as one dataset. Parts written under different jobs may have different
+    output columns; the dataset has them all (null where a part lacks one)."""
     files = sorted(str(p) for p in parts_dir.glob(PART_GLOB))
-    return ds.dataset(files, format="parquet")
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files]) if files else None
+    return ds.dataset(files, format="parquet", schema=schema)
 
 
 def sample_captions(parts_dir: Path, field: str = "captions", n: int = 3) -> list[tuple[str, str]]:

@@ -73,11 +73,16 @@ BASE_FIELDS: list[pa.Field] = [
 ]
 
 
-def records_to_table(records: Iterable[JournalRecord]) -> pa.Table:
+def records_to_table(
+    records: Iterable[JournalRecord], output_fields: Iterable[str] = ()
+) -> pa.Table:
     """One row per item. Empty generations are dropped; an item left with no text and no
-    error gets the error ``NO_TEXT``. One ``list<string>`` column per output field."""
+    error gets the error ``NO_TEXT``. One ``list<string>`` column per output field: the
+    job's ``output_fields`` always (so every part has them, empty for failed items), and any
+    other field a record holds."""
     records = list(records)
-    fields = sorted({f for r in records for item in r.items for f in item.outputs})
+    present = {f for r in records for item in r.items for f in item.outputs}
+    fields = sorted(present.union(output_fields))
     cols: dict[str, list[Any]] = {f.name: [] for f in BASE_FIELDS}
     outs: dict[str, list[list[str]]] = {f: [] for f in fields}
     for r in records:

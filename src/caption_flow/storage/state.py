@@ -223,6 +223,23 @@ class StateDB:
                     for s in states
                 ),
             )
+            if batches:  # last: a chunk whose last item is now done is done, whatever else
+                self.finish_chunks({b.chunk_id for b in batches if b.item_ids})
+
+    def finish_chunks(self, chunk_ids: Iterable[str] | None = None) -> int:
+        """Mark done every chunk (of ``chunk_ids``, or all) whose items are all done: in the
+        results' own transaction, a finished chunk is never left 'leased' by a crash.
+        Returns how many chunks changed."""
+        sql = (
+            "UPDATE chunks SET status='done', holder=NULL, deadline=NULL "
+            "WHERE status != 'done' AND NOT EXISTS "
+            "(SELECT 1 FROM items WHERE items.chunk_id = chunks.chunk_id AND items.done = 0)"
+        )
+        if chunk_ids is None:
+            return self.conn.execute(sql).rowcount
+        return sum(
+            self.conn.execute(sql + " AND chunk_id = ?", (c,)).rowcount for c in chunk_ids if c
+        )
 
     def _write_batches(self, batches: Sequence[JournalBatch]) -> None:
         now = time.time()

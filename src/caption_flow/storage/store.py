@@ -71,6 +71,9 @@ class CaptionStore:
         self.group_commit_s = group_commit_ms / 1000.0
         # Called on the event loop once records are quarantined: (chunk_id, item_ids, reason).
         self.on_quarantine: QuarantineHook | None = None
+        # Output columns every part gets, even when no row of it has text for them (the
+        # orchestrator sets the job's fields here), so parts agree on their schema.
+        self.output_fields: set[str] = set()
         self._refuse_parts_without_database()
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-db")
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-parquet")
@@ -264,7 +267,8 @@ class CaptionStore:
     def _build(self, entries: list[JournalEntry]) -> tuple[pa.Table | None, list[Quarantined]]:
         """The batch's table, or (None, the records that make it fail)."""
         try:
-            return records_to_table(decode_record(e.record) for e in entries), []
+            records = (decode_record(e.record) for e in entries)
+            return records_to_table(records, self.output_fields), []
         except Exception as exc:  # worker data: any failure may be one bad record
             log.warning("%d journal records cannot be converted together (%s)", len(entries), exc)
         bad = self._find_bad(entries)

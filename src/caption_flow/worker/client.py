@@ -48,7 +48,7 @@ from caption_flow.protocol.messages import (
 from caption_flow.sources import open_source
 from caption_flow.sources.base import Source
 from caption_flow.worker.outbox import AckLog, Outbox
-from caption_flow.worker.pipeline import BatchLimit, ChunkPipeline, EngineClock
+from caption_flow.worker.pipeline import Backoff, BatchLimit, ChunkPipeline, EngineClock
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ class Worker:
         self.clock = EngineClock()
         self.lease_seconds = float("inf")
         self.job_heartbeat_seconds = float("inf")  # the orchestrator's wish, if it said one
-        self.failures = 0  # chunks stopped in a row by read or engine failures
-        self._resume_at = 0.0  # monotonic time before which no work is asked for
+        self.backoff = Backoff(config.engine_backoff_seconds, config.engine_backoff_max_seconds)
         self._current_abandoned = False
         self._vetoed_job: ModelConfig | None = None
         self.fatal: Exception | None = None  # why processing stopped for good, if it did
@@ -236,7 +235,7 @@ class Worker:
             )
             for chunk in message.chunks:
                 self.abandoned.discard(chunk.chunk_id)  # a new lease, whatever happened before
-                if self._backing_off():
+                if self.backoff.active():
                     # Asked for before the failure: hand it straight back, at no cost to it.
                     await self._release(chunk.chunk_id, "")
                 else:
@@ -339,7 +338,7 @@ class Worker:
         while True:
             await self._want_work.wait()
             self._want_work.clear()
-            if self._backing_off():
+            if self.backoff.active():
                 continue  # the back-off sets the event again when it ends
             have = self.queue.qsize() + (1 if self.current is not None else 0)
             want = 1 + self.config.prefetch_chunks - have
@@ -359,12 +358,12 @@ class Worker:
             stopped_by: str | None = None
             try:
                 await self._caption_chunk(chunk)
-                self.failures = 0
+                self.backoff.reset()
             except EngineUnavailableError as exc:
-                stopped_by = f"engine unavailable: {exc}"
-                self._begin_back_off()
+                stopped_by = str(exc)
+                self.backoff.begin()
                 log.error(
-                    "the engine cannot run even one item (%s); handing back %s and the "
+                    "the engine cannot caption even one item (%s); handing back %s and the "
                     "queued chunks",
                     exc,
                     chunk.chunk_id,
@@ -372,8 +371,8 @@ class Worker:
                 await self._stop_chunk(chunk, stopped_by)
                 await self._hand_back_queue()
             except SourceError as exc:
-                stopped_by = f"read failed: {exc}"
-                self._begin_back_off()
+                stopped_by = str(exc)
+                self.backoff.begin()
                 log.error("%s; handing the chunk back", exc)
                 await self._stop_chunk(chunk, stopped_by)
             except Exception as exc:
@@ -427,28 +426,17 @@ class Worker:
                 self._abandon(queued.chunk_id)
                 await self._release(queued.chunk_id, "")
 
-    def _backing_off(self) -> bool:
-        return time.monotonic() < self._resume_at
-
-    def _begin_back_off(self) -> None:
-        """From now on no work is asked for, and chunks still arriving go straight back."""
-        self.failures += 1
-        base = self.config.engine_backoff_seconds * 2 ** min(self.failures - 1, 30)
-        delay = min(base * (0.75 + 0.5 * random.random()), self.config.engine_backoff_max_seconds)
-        self._resume_at = time.monotonic() + delay
-
     async def _back_off(self, why: str) -> None:
-        """Wait before asking for work again: exponential in failures in a row, with jitter."""
-        delay = max(0.0, self._resume_at - time.monotonic())
+        """Ask for no work until the back-off ends (or the worker stops)."""
         log.warning(
             "chunk stopped (%s); failure %d in a row, asking for work again in %.1f s",
             why[:200],
-            self.failures,
-            delay,
+            self.backoff.failures,
+            self.backoff.remaining(),
         )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopped.wait(), delay)
-        self._resume_at = 0.0
+            await asyncio.wait_for(self.stopped.wait(), self.backoff.remaining())
+        self.backoff.until = 0.0
 
     def _job(self) -> ModelConfig:
         assert self.job is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -72,6 +73,38 @@ class BatchLimit:
         """The size to try after a batch of ``failed_size`` items could not run."""
         self.limit = max(1, self.cap(failed_size) // 2)
         return self.limit
+
+
+@dataclass
+class Backoff:
+    """After a chunk stopped for a read or engine failure: how long to ask for no work.
+
+    Exponential in failures in a row, with jitter so that a fleet that failed together does
+    not come back together; ``reset`` after a chunk that finished.
+    """
+
+    first_s: float
+    max_s: float
+    failures: int = 0
+    until: float = 0.0  # monotonic
+
+    def begin(self) -> float:
+        """One more failure: the wait starts now; returns its length in seconds."""
+        self.failures += 1
+        base = self.first_s * 2 ** min(self.failures - 1, 30)
+        delay = min(base * (0.75 + 0.5 * random.random()), self.max_s)
+        self.until = time.monotonic() + delay
+        return delay
+
+    def active(self) -> bool:
+        return time.monotonic() < self.until
+
+    def remaining(self) -> float:
+        return max(0.0, self.until - time.monotonic())
+
+    def reset(self) -> None:
+        self.failures = 0
+        self.until = 0.0
 
 
 class ChunkPipeline:
@@ -146,8 +179,7 @@ class ChunkPipeline:
             except EngineUnavailableError as exc:
                 engine_items = sum(d.caption_input is not None for d in part)
                 if engine_items <= 1:
-                    log.error("engine failed on a single item of %s: %s", chunk_id, exc)
-                    raise
+                    raise  # the worker hands the chunk back and waits
                 smaller = self.limit.shrink(len(part))
                 log.warning(
                     "engine failed on %d items (%s); batch size is now %d for this worker",
