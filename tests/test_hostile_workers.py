@@ -26,7 +26,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from caption_flow.orchestrator.server import Orchestrator
-from caption_flow.storage.state import StateDB
+from caption_flow.protocol.messages import ItemResult
+from caption_flow.storage.rows import JournalRecord, encode_record
+from caption_flow.storage.state import JournalBatch, StateDB
 from caption_flow.worker.client import Worker
 
 pytestmark = pytest.mark.timeout(180)
@@ -314,3 +316,37 @@ async def test_an_admin_cannot_push_a_broken_stage_graph(make_orch, tmp_path: Pa
         assert error["code"] == 4422 and "cycle" in error["message"]
     assert orch.job == before
     await finish_honestly(orch, tmp_path / "data")
+
+
+async def test_a_record_the_store_cannot_write_is_set_aside_and_its_items_redone(
+    make_orch, tmp_path: Path
+) -> None:
+    """Defence in depth: a record that passed the wire's bounds (here: written by an older
+    version) but that Parquet refuses is quarantined, and its items are captioned again."""
+    orch = await make_orch()
+    await orch.stop()
+    db = StateDB(tmp_path / "data" / "state.db")
+    first = next(db.load_chunks())
+    keys = db.item_keys(first.first_item, first.first_item)
+    ((item_id, key),) = keys.items()
+    record = JournalRecord(
+        dataset="test",
+        shard=first.shard,
+        chunk_id=first.chunk_id,
+        model="m",
+        contributor_id="alice",
+        worker="w",
+        timestamp=0.0,
+        items=[ItemResult(item_id, key, outputs={"captions": ["x"]}, width=2**40)],
+    )
+    db.commit(
+        [JournalBatch([item_id], encode_record(record), "alice", chunk_id=first.chunk_id)], []
+    )
+    db.close()
+
+    orch = await make_orch()  # the compactor meets the record and sets it aside
+    rows = await finish_honestly(orch, tmp_path / "data")
+    assert next(r for r in rows if r["item_key"] == key)["width"] < 2**31
+    db = StateDB(tmp_path / "data" / "state.db")
+    assert [q[2] for q in db.quarantined()] == [[item_id]]
+    db.close()

@@ -196,6 +196,32 @@ def demo(workdir: str, images: int, engine: str) -> None:
     )
 
 
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="state and output folder")
+@click.option("--failed", is_flag=True, required=True, help="caption failed items and chunks again")
+def requeue(config_path: str | None, data_dir: str | None, failed: bool) -> None:
+    """Put failed items back in the queue (the orchestrator must be stopped; while it runs,
+    an admin sends the `requeue` message instead)."""
+    from caption_flow.storage.store import CaptionStore
+
+    config = orchestrator_config(config_path, {"storage.data_dir": data_dir})
+
+    async def reopen() -> None:
+        store = CaptionStore(config.storage.data_dir)
+        await store.start()
+        try:
+            reopened = await store.requeue_failed()
+        finally:
+            await store.close(flush=False)
+        console.print(
+            f"{reopened.item_count} failed items and {len(reopened.chunks)} failed chunks "
+            "will be captioned at the next start of the orchestrator"
+        )
+
+    _run(reopen())
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

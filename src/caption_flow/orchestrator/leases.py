@@ -362,6 +362,8 @@ class ChunkBook:
         if chunk is None:
             return None
         ids = [i for i in item_ids if chunk.first_item <= i < chunk.first_item + chunk.count]
+        for item_id in ids:
+            chunk.item_attempts.pop(item_id, None)
         if chunk.status is ChunkStatus.DONE:
             chunk.done = set(chunk.item_ids())
             chunk.status = ChunkStatus.PENDING
@@ -382,6 +384,18 @@ class ChunkBook:
                 self._enqueue(chunk.chunk_id)
             elif not chunk.inflight:
                 self._settling.discard(chunk.chunk_id)
+
+    def revive(self, chunk_id: str) -> bool:
+        """A failed chunk gets a clean slate of attempts and goes back to the queue."""
+        chunk = self.chunks.get(chunk_id)
+        if chunk is None or chunk.status is not ChunkStatus.FAILED:
+            return False
+        chunk.status = ChunkStatus.PENDING
+        chunk.attempts = 0
+        chunk.failures = {}
+        chunk.reason = None
+        self._settle_pending(chunk)
+        return True
 
     def _requeue_if_used_up(self, chunk: Chunk) -> ChunkStatus | None:
         if chunk.status is ChunkStatus.LEASED and not chunk.granted and not chunk.inflight:

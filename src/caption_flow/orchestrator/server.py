@@ -41,6 +41,7 @@ from caption_flow.protocol.messages import (
     Message,
     Release,
     Request,
+    Requeue,
     Results,
     SetConfig,
     Stats,
@@ -267,6 +268,9 @@ class Orchestrator:
             await self.desk.on_release(session, message.chunk_id, message.reason)
         elif isinstance(message, SetConfig):
             await self._on_set_config(session, message)
+        elif isinstance(message, Requeue):
+            await self.requeue_failed()
+            await session.send(Stats(snapshot=self.snapshot()))
 
     async def _results_task(self, session: Session, message: Results, held: int) -> None:
         """Store one results message; anything unexpected is logged and the worker told to
@@ -315,6 +319,23 @@ class Orchestrator:
         await asyncio.gather(*(s.send(update) for s in workers))
         log.info("job updated and sent to %d workers", len(workers))
         return job
+
+    async def requeue_failed(self) -> int:
+        """Caption failed items and chunks again: their error rows leave the output."""
+        assert self.book is not None
+        reopened = await self.store.requeue_failed()
+        for chunk_id, ids in reopened.items.items():
+            self.book.requeue_items(chunk_id, ids)
+        for chunk_id in reopened.chunks:
+            self.book.revive(chunk_id)
+        if reopened.item_count or reopened.chunks:
+            self.finished.clear()
+        log.info(
+            "requeued %d failed items and %d failed chunks",
+            reopened.item_count,
+            len(reopened.chunks),
+        )
+        return reopened.item_count
 
     async def _on_set_config(self, session: Session, message: SetConfig) -> None:
         try:

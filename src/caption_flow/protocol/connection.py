@@ -24,6 +24,7 @@ from caption_flow.protocol.messages import (
     Reject,
     Release,
     Request,
+    Requeue,
     Results,
     SetConfig,
     Stats,
@@ -41,7 +42,7 @@ ALLOWED_FROM: dict[str, tuple[type, ...]] = {
     "worker": (Request, Results, Heartbeat, Release),
     "dataworker": (Heartbeat,),
     "monitor": (Heartbeat,),
-    "admin": (SetConfig, Heartbeat),
+    "admin": (SetConfig, Requeue, Heartbeat),
 }
 
 # What a client expects to receive once welcomed.

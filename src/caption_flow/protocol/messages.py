@@ -173,6 +173,12 @@ class SetConfig(_Msg, tag="set_config"):
     config: dict[str, Any]
 
 
+class Requeue(_Msg, tag="requeue"):
+    """Admin to orchestrator: caption failed items and failed chunks again."""
+
+    failed: bool = True
+
+
 class Stats(_Msg, tag="stats"):
     """Orchestrator to monitors (and answer to admins): a live snapshot."""
 
@@ -198,6 +204,7 @@ Message = (
     | Release
     | ConfigUpdate
     | SetConfig
+    | Requeue
     | Stats
     | ErrorMsg
 )

@@ -364,6 +364,47 @@ class StateDB:
                 raise StorageError(f"part {name} was not recorded as intended")
             self.conn.execute("DELETE FROM journal WHERE seq <= ?", (last_seq,))
 
+    def swap_part(
+        self, old: str, new: str | None, rows: int, reopen: Sequence[tuple[str, str]]
+    ) -> dict[str, list[int]]:
+        """Replace part ``old`` by the intended part ``new`` (None: by nothing) and reopen the
+        items (shard, key) whose rows it left out, in one transaction. Returns the reopened
+        item ids by chunk."""
+        reopened: dict[str, list[int]] = {}
+        with self._transaction():
+            if new is not None:
+                self.conn.execute(
+                    "UPDATE parts SET state='recorded', rows=?, created=? "
+                    "WHERE name=? AND state='intended'",
+                    (rows, time.time(), new),
+                )
+            self.conn.execute("DELETE FROM parts WHERE name=?", (old,))
+            for shard, key in reopen:
+                row = self.conn.execute(
+                    "SELECT item_id, chunk_id FROM items WHERE shard=? AND key=?", (shard, key)
+                ).fetchone()
+                if row is not None:
+                    reopened.setdefault(row[1], []).append(int(row[0]))
+            self.conn.executemany(
+                "UPDATE items SET done=0, attempts=0 WHERE item_id=?",
+                ((i,) for ids in reopened.values() for i in ids),
+            )
+            self.conn.executemany(
+                "UPDATE chunks SET status='pending', holder=NULL, deadline=NULL "
+                "WHERE chunk_id=? AND status='done'",
+                ((c,) for c in reopened),
+            )
+        return reopened
+
+    def revive_failed_chunks(self) -> list[str]:
+        """Failed chunks become pending with a clean slate of attempts."""
+        with self._transaction():
+            rows = self.conn.execute(
+                "UPDATE chunks SET status='pending', attempts=0, reason=NULL, holder=NULL, "
+                "deadline=NULL WHERE status='failed' RETURNING chunk_id"
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
     def forget_parts(self, names: Iterable[str]) -> None:
         """Drop intended parts whose files were removed (their rows are still journaled)."""
         with self._transaction():

@@ -36,6 +36,7 @@ from caption_flow.storage.parts import (
     remove_stray_tmp,
     write_part,
 )
+from caption_flow.storage.requeue import Reopened, split_failed
 from caption_flow.storage.rows import decode_record, records_to_table
 from caption_flow.storage.state import ChunkState, JournalBatch, JournalEntry, Quarantined, StateDB
 
@@ -334,6 +335,28 @@ class CaptionStore:
                     self.on_quarantine(q.chunk_id, list(q.item_ids), q.reason)
                 except Exception:
                     log.exception("re-queueing the items of quarantined record %d failed", q.seq)
+
+    async def requeue_failed(self) -> Reopened:
+        """Take every stored error row out of the output and reopen its item, and put failed
+        chunks back in play (see :mod:`caption_flow.storage.requeue`)."""
+        await self.compact()  # every stored failure is in a part now
+        reopened = Reopened()
+        async with self._compact_lock:
+            for name in sorted(await self.run_db(self.db.part_names)):
+                split = await self._run_io(split_failed, str(self.parts_dir / name))
+                if split is None:
+                    continue
+                kept, failed = split
+                new = None
+                if kept.num_rows:
+                    new = await self.run_db(self.db.intend_part, part_name)
+                    await self._run_io(write_part, self.parts_dir, new, kept)
+                ids = await self.run_db(self.db.swap_part, name, new, kept.num_rows, failed)
+                (self.parts_dir / name).unlink(missing_ok=True)
+                reopened.add(ids)
+                log.info("%s: %d failed rows taken out (now %s)", name, len(failed), new)
+            reopened.chunks = await self.run_db(self.db.revive_failed_chunks)
+        return reopened
 
     async def close(self, flush: bool = True) -> None:
         """Stop the tasks; with ``flush``, move the journal to Parquet first."""
