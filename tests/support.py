@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,14 @@ def worker_config(port: int, name: str = "alice", **overrides: Any) -> WorkerCon
         exit_when_done=True,
         **overrides,
     )
+
+
+async def eventually(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Wait until ``condition()`` holds; fail after ``seconds`` (scaled by TIME_UNIT)."""
+    deadline = time.monotonic() + seconds * TIME_UNIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {seconds * TIME_UNIT:.0f}s: {what}"
+        await asyncio.sleep(0.02)
 
 
 def read_rows(data_dir: Path) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from support import (
     PROMPTS,
     TIME_UNIT,
     caption_all,
+    eventually,
     orchestrator_config,
     read_rows,
     worker_config,
@@ -112,17 +113,18 @@ async def test_job_update_reaches_running_workers_without_reload(
     worker = Worker(worker_config(orch.port, "alice", batch_size=1))
     task = asyncio.create_task(worker.run())
     try:
-        while orch.snapshot()["items_done"] < 2:
-            await asyncio.sleep(0.05)
+        await eventually(lambda: orch.snapshot()["items_done"] >= 2, 60, "two items")
         engines_before = list(worker.captioner.engines.values())
         await orch.update_job({"inference_prompts": ["only one prompt now"]})
         target = orch.snapshot()["items_done"] + 3
-        while orch.snapshot()["items_done"] < target:
-            await asyncio.sleep(0.05)
+        await eventually(lambda: orch.snapshot()["items_done"] >= target, 60, "three more")
         engines_after = list(worker.captioner.engines.values())
         # Heartbeats (every second in these tests) report the engine's figures.
-        while not task.done() and not any("engine_busy" in s.stats for s in orch.sessions.values()):
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: task.done() or any("engine_busy" in s.stats for s in orch.sessions.values()),
+            30,
+            "a heartbeat with the engine's figures",
+        )
         stats = next((s.stats for s in orch.sessions.values() if "engine_busy" in s.stats), None)
         assert stats is not None, "no heartbeat with the engine's figures arrived"
         assert 0.0 < stats["engine_busy"] <= 1.0 and stats["items_per_s"] >= 0.0

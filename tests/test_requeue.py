@@ -17,6 +17,7 @@ from support import (
     TIME_UNIT,
     WORKER_TOKENS,
     caption_all,
+    eventually,
     orchestrator_config,
     read_rows,
     worker_config,
@@ -104,10 +105,12 @@ async def test_an_admin_requeues_failed_items_and_chunks_while_the_run_goes_on(
             await ws.send(msgspec.msgpack.encode(release))
             await ws.send(msgspec.msgpack.encode({"type": "heartbeat"}))  # ordered after it
         assert orch.book is not None
-        deadline = asyncio.get_running_loop().time() + 10 * TIME_UNIT
-        while orch.book.chunks[chunk["chunk_id"]].status is not ChunkStatus.FAILED:
-            assert asyncio.get_running_loop().time() < deadline, "the release did not count"
-            await asyncio.sleep(0.05)
+        book = orch.book
+        await eventually(
+            lambda: book.chunks[chunk["chunk_id"]].status is ChunkStatus.FAILED,
+            10,
+            "the release with a reason to fail the chunk",
+        )
 
         async with connect(f"ws://127.0.0.1:{orch.port}") as ws:
             await ws.send(

@@ -14,7 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from support import TIME_UNIT, caption_all, orchestrator_config, read_rows, worker_config
+from support import (
+    TIME_UNIT,
+    caption_all,
+    eventually,
+    orchestrator_config,
+    read_rows,
+    worker_config,
+)
 
 from caption_flow.config.models import DatasetConfig
 from caption_flow.orchestrator.server import Orchestrator
@@ -94,8 +101,7 @@ async def test_restart_in_the_middle_of_a_shard_resumes_only_missing_items(
     await orch.start()
     alice = Worker(worker_config(orch.port, "alice", batch_size=2))
     task = asyncio.create_task(alice.run())
-    while orch.snapshot()["items_done"] < 4:
-        await asyncio.sleep(0.02)
+    await eventually(lambda: orch.snapshot()["items_done"] >= 4, 60, "four items")
     alice.stop()
     await asyncio.wait_for(task, 60 * TIME_UNIT)
     await orch.stop()

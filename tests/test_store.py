@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support import TIME_UNIT, read_rows
+from support import eventually, read_rows
 
 from caption_flow.errors import StorageError
 from caption_flow.storage.parts import part_name, write_part
@@ -53,13 +51,6 @@ def captioned(item_id: int, key: str, text: str = "c") -> StoredItem:
 
 def part_files(data_dir: Path) -> list[str]:
     return sorted(p.name for p in (data_dir / "captions").glob("part-*.parquet"))
-
-
-async def eventually(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds * TIME_UNIT
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def test_chunks_get_contiguous_ids_and_keys_stay_unique(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from support import (
     TIME_UNIT,
     StubEngine,
     cuda_out_of_memory,
+    eventually,
     orchestrator_config,
     read_rows,
     stub_loader,
@@ -34,13 +33,6 @@ from caption_flow.worker.client import Worker
 from caption_flow.worker.pipeline import Backoff, BatchLimit
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds * TIME_UNIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def lingering(port: int, name: str, **overrides: Any) -> WorkerConfig:
@@ -87,9 +79,11 @@ async def test_out_of_memory_worker_hands_chunks_back_backs_off_and_writes_no_er
             fail=cuda_out_of_memory,
         )
         oom_task = asyncio.create_task(oom.run())
-        await wait_for(lambda: oom.backoff.failures == 1, 30, "the out-of-memory worker to give up")
+        await eventually(
+            lambda: oom.backoff.failures == 1, 30, "the out-of-memory worker to give up"
+        )
         # Both chunks are back in the queue: the one it tried (with a reason), the one it held.
-        await wait_for(
+        await eventually(
             lambda: orch.snapshot()["chunks"]["leased"] == 0, 5, "its chunks to be released"
         )
         # Halved down to one image (two prompts: 8, 4, 2 requests), then it stopped.
@@ -169,12 +163,12 @@ async def test_a_reader_failure_releases_the_chunk_at_once(tmp_path: Path, image
             engines,
         )
         task = asyncio.create_task(worker.run())
-        await wait_for(lambda: worker.session_id is not None, 10, "the worker to connect")
+        await eventually(lambda: worker.session_id is not None, 10, "the worker to connect")
         assert worker.heartbeat_interval() == 0.25 * TIME_UNIT  # the orchestrator's wish wins
         # The chunk with the loop: img_0003, img_0004, loop.jpg. Its two good items are sent
         # and acknowledged, then the read fails and the chunk goes straight back.
-        await wait_for(lambda: worker.backoff.failures == 1, 20, "the read to fail")
-        await wait_for(
+        await eventually(lambda: worker.backoff.failures == 1, 20, "the read to fail")
+        await eventually(
             lambda: orch.snapshot()["chunks"]["leased"] == 0, 5, "the chunk to be released"
         )
         snapshot = orch.snapshot()
@@ -207,7 +201,7 @@ async def test_the_worker_vetoes_remote_code_unless_it_allows_it(
             delay_s=0.05,
         )
         task = asyncio.create_task(careful.run())
-        await wait_for(lambda: orch.snapshot()["items_done"] >= 2, 20, "the first results")
+        await eventually(lambda: orch.snapshot()["items_done"] >= 2, 20, "the first results")
         # An admin's change reaches the worker (the prompts change) but not its veto.
         await orch.update_job({"trust_remote_code": True, "inference_prompts": ["one prompt"]})
         await asyncio.wait_for(task, 60 * TIME_UNIT)

@@ -20,20 +20,74 @@ from caption_flow.errors import CaptionFlowError
 console = Console(stderr=True)
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
+#: Libraries whose INFO and DEBUG lines are about their own internals, never shown.
+_QUIET_LOGGERS = (
+    "websockets",
+    "transformers",
+    "httpx",
+    "httpcore",
+    "filelock",
+    "PIL",
+    "urllib3",
+    "fsspec",
+    "huggingface_hub",
+    "datasets",
+    "asyncio",
+    "torch",
+)
+
+
+def _log_handler() -> logging.Handler:
+    """Rich on a terminal; one plain line per record when redirected (no wrapping)."""
+    if console.is_terminal:
+        return RichHandler(console=console, show_path=False, rich_tracebacks=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     )
+    return handler
+
+
+def _setup_logging(verbose: int, service: bool) -> None:
+    """Called once per command, with ``-v`` counted before and after the subcommand."""
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(_log_handler())
+    root.setLevel(level)
     # Services log their status lines by default; run and demo show a progress bar instead.
-    service = any(a in sys.argv[1:] for a in ("orchestrator", "worker"))
     logging.getLogger("caption_flow").setLevel(
         min(level, logging.INFO) if verbose or service else logging.WARNING
     )
-    for noisy in ("websockets", "transformers", "httpx", "filelock", "vllm"):
+    # The CLI's own few lines (which config file was loaded) are always worth a line.
+    logging.getLogger("caption_flow.cli").setLevel(min(level, logging.INFO))
+    for noisy in _QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    vllm_level = "INFO" if verbose else "WARNING"
+    logging.getLogger("vllm").setLevel(vllm_level)
+    # vLLM configures its own logger (in its engine processes too) from the environment, at
+    # INFO and on stdout by default: keep it quiet unless -v, and off stdout, where the
+    # summary table goes. A user's own setting wins.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", vllm_level)
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+def _verbosity(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    """``-v`` after the subcommand adds to ``-v`` before it; logging is set up here."""
+    before = ctx.find_root().params.get("verbose", 0) or 0
+    _setup_logging(before + value, service=ctx.info_name in ("orchestrator", "worker"))
+
+
+def verbose_option(command: Any) -> Any:
+    return click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        expose_value=False,
+        callback=_verbosity,
+        help="-v: progress logs, -vv: debug (also accepted before the subcommand)",
+    )(command)
 
 
 def _run(coro: Any) -> Any:
@@ -45,12 +99,12 @@ def _run(coro: Any) -> Any:
         return asyncio.run(coro)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", count=True, help="-v: progress logs, -vv: debug")
 @click.version_option(package_name="caption-flow")
 def cli(verbose: int) -> None:
     """Caption very large image datasets with vision-language models on many GPUs."""
-    _setup_logging(verbose)
+    # Logging is set up by each subcommand's own -v, which adds this count to its own.
 
 
 @cli.command()

@@ -125,6 +125,12 @@ class StorageConfig(_Strict):
     group_commit_ms: float = Field(
         0.0, ge=0, description="extra wait to group commits; 0: group what arrived meanwhile"
     )
+    force_new_dataset: bool = Field(
+        False,
+        description="when data_dir belongs to another dataset, move its run (state.db, "
+        "captions/) aside into data_dir/replaced/<time>/ and start a new one; never mixes, "
+        "never deletes",
+    )
 
 
 class TokenEntry(_Strict):

@@ -185,9 +185,9 @@ class Captioner:
                     state.error = f"stage {stage.name}: {result}"
                 continue
             state.tokens += result.tokens
-            text = result.text.strip()
-            if text:
-                texts[index].append(text)
+            # One entry per prompt, in prompt order, "" where the engine produced nothing:
+            # with several prompts, an entry is matched to its prompt by position.
+            texts[index].append(result.text.strip())
         for index in alive:
             if states[index].error is None:
                 states[index].outputs[stage.output_field] = texts[index]

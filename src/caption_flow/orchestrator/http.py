@@ -21,6 +21,8 @@ def metrics_text(snapshot: dict[str, Any]) -> str:
         f"captionflow_items_done {snapshot['items_done']}",
         "# TYPE captionflow_items_failed gauge",
         f"captionflow_items_failed {snapshot['items_failed']}",
+        "# TYPE captionflow_items_captioned gauge",
+        f"captionflow_items_captioned {snapshot['items_captioned']}",
         "# TYPE captionflow_items_per_second gauge",
         f"captionflow_items_per_second {snapshot['rate']}",
         "# TYPE captionflow_workers gauge",

@@ -18,7 +18,7 @@ import msgspec
 from caption_flow.config.models import ModelConfig
 from caption_flow.engines.captioner import job_stages
 from caption_flow.protocol.messages import ItemResult, Results
-from caption_flow.storage.rows import JournalRecord, encode_record
+from caption_flow.storage.rows import JournalRecord, encode_record, is_failure
 from caption_flow.storage.state import JournalBatch
 
 # A generated token decodes to at most a few dozen characters; this leaves room for any
@@ -116,7 +116,8 @@ def build_batch(
         timestamp=time.time(),
         items=items,
     )
-    failed = sum(1 for item in items if item.error is not None)
+    # Counted as the store will write them: an item without any text is failed too (NO_TEXT).
+    failed = sum(1 for item in items if is_failure(item.error, item.outputs))
     return JournalBatch(
         [i.item_id for i in items],
         encode_record(record) if items else b"",

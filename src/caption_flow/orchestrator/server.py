@@ -48,6 +48,7 @@ from caption_flow.protocol.messages import (
     Welcome,
 )
 from caption_flow.sources import open_source
+from caption_flow.storage.identity import record_commit
 from caption_flow.storage.store import CaptionStore
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class Orchestrator:
             compact_rows=config.storage.compact_rows,
             compact_seconds=config.storage.compact_seconds,
             group_commit_ms=config.storage.group_commit_ms,
+            dataset=config.dataset,
+            force_new_dataset=config.storage.force_new_dataset,
         )
         self.store.output_fields = set(self._rules.fields)
         self.authenticate = Authenticator(config.auth)
@@ -99,6 +102,7 @@ class Orchestrator:
         pinned = getattr(source, "pinned_config", None)
         if pinned is not None:  # hub datasets: workers read the very commit listed here
             self.dataset = pinned()
+            await self.store.run_db(record_commit, self.store.db, self.dataset.revision)
         self.book = await self.store.run_db(build_book, self.store.db, self.config)
         self.desk = WorkerDesk(
             self.config,
@@ -117,6 +121,18 @@ class Orchestrator:
             added,
             time.monotonic() - t0,
         )
+        if self.book.items_total == 0:
+            log.warning(
+                "dataset %s has no items: nothing to caption (check dataset.path, "
+                "dataset.type and dataset.image_extensions)",
+                self.config.dataset.path,
+            )
+        elif self.book.finished:
+            log.info(
+                "nothing left to do: all %d items are done (%d failed)",
+                self.book.items_total,
+                self.store.items_failed,
+            )
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -139,6 +155,7 @@ class Orchestrator:
         # keep the garbage collector from walking it again and again.
         gc.collect()
         gc.freeze()
+        self.store.lock.update(port=self.port)
         log.info("orchestrator listening on %s:%d", self.config.host, self.port)
 
     def _fail(self, reason: str) -> None:
@@ -375,11 +392,17 @@ class Orchestrator:
                 await asyncio.gather(*(m.send(stats) for m in monitors))
 
     def snapshot(self) -> dict[str, Any]:
+        """Live figures. One definition everywhere (summary, /metrics, monitors): an item is
+        done once its row is stored (captioned or failed for good), failed when that row has
+        an error (``NO_TEXT`` included, counted from the output itself, so restarts and
+        requeues keep it right), captioned when done and not failed."""
         assert self.book is not None and self.desk is not None
+        failed = self.store.items_failed
         return {
             "items_total": self.book.items_total,
             "items_done": self.book.items_done,
-            "items_failed": self.desk.items_failed,
+            "items_failed": failed,
+            "items_captioned": self.book.items_done - failed,
             "rate": round(self.desk.rate.rate(), 2),
             "chunks": self.book.counts(),
             "workers": sum(1 for s in self.sessions.values() if s.role == "worker"),

@@ -28,6 +28,7 @@ from caption_flow.protocol.messages import (
     Reject,
     Results,
 )
+from caption_flow.storage.rows import NO_TEXT, is_failure
 from caption_flow.storage.state import ChunkState
 from caption_flow.storage.store import CaptionStore
 
@@ -63,7 +64,6 @@ class WorkerDesk:
         self.live_sessions = live_sessions
         self.on_change = on_change  # the book may have finished
         self.rate = RateMeter()
-        self.items_failed = 0
         self._lease_keys: dict[str, dict[int, str]] = {}
 
     # -- chunk states for the database --------------------------------------------------
@@ -221,12 +221,16 @@ class WorkerDesk:
             if self.book.abort(results.chunk_id, fresh) is not None:
                 await self.save([results.chunk_id])
             raise
+        keys = self._lease_keys.get(results.chunk_id, {})
+        for item_id in batch.item_ids if batch.failed else ():  # stored failures, named at -v
+            item = by_id[item_id]
+            if is_failure(item.error, item.outputs):
+                log.info("item %s failed: %s", keys.get(item_id, item.key), item.error or NO_TEXT)
         changed = self.book.commit(results.chunk_id, batch.item_ids, batch.retry_ids)
         if changed is ChunkStatus.DONE:  # the results' own transaction marked it done
             self._lease_keys.pop(results.chunk_id, None)
         elif changed is not None:
             await self.save([results.chunk_id])
-        self.items_failed += batch.failed
         session.items_done += len(batch.item_ids)
         self.rate.add(len(batch.item_ids))
         return len(batch.item_ids)

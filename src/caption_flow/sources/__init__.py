@@ -7,6 +7,7 @@ from pathlib import Path
 from caption_flow.config.models import DatasetConfig
 from caption_flow.errors import ConfigError
 from caption_flow.sources.base import ShardListing, Source, SourceItem
+from caption_flow.sources.check import check_dataset
 
 
 def open_source(
@@ -34,4 +35,4 @@ def open_source(
     raise ConfigError(f"dataset.type {config.type!r} is not supported")
 
 
-__all__ = ["ShardListing", "Source", "SourceItem", "open_source"]
+__all__ = ["ShardListing", "Source", "SourceItem", "check_dataset", "open_source"]

@@ -19,6 +19,8 @@ class FolderSource:
         self.extensions = {"." + e.lower().lstrip(".") for e in extensions}
 
     def list_shards(self) -> Iterator[ShardListing]:
+        if self.root.is_file():
+            raise SourceError(f"dataset path {self.root} is a file, not a folder of images")
         if not self.root.is_dir():
             raise SourceError(f"dataset folder not found: {self.root}")
         for dirpath, dirnames, filenames in os.walk(self.root):

@@ -91,8 +91,7 @@ class DataDirLock:
         previous = _read_info(fd)
         if previous:
             log.warning(
-                "took over the lock of %s from %s, which no longer holds it (stopped or "
-                "killed)",
+                "took over the lock of %s from %s, which no longer holds it (stopped or killed)",
                 lock.path,
                 describe_holder(previous),
             )

@@ -7,7 +7,7 @@ worker, time) once, and its items as msgpack maps whose field names match the pr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -49,6 +49,27 @@ class _StoredRecord(JournalRecord, gc=False):
 _decoder = msgspec.msgpack.Decoder(_StoredRecord)
 
 
+def has_text(outputs: Mapping[str, Sequence[str]]) -> bool:
+    """Whether any entry of any output field holds text: an item without any (and without
+    an error) is stored with the error ``NO_TEXT`` and counts as failed."""
+    return any(t.strip() for texts in outputs.values() for t in texts)
+
+
+def is_failure(error: str | None, outputs: Mapping[str, Sequence[str]]) -> bool:
+    """The one definition of a failed item: its row has an error, ``NO_TEXT`` included."""
+    return error is not None or not has_text(outputs)
+
+
+def record_failures(data: bytes) -> int:
+    """Items of an encoded journal record that are stored as failed (0 for bytes that do
+    not decode: such a record is quarantined, never stored)."""
+    try:
+        record = decode_record(data)
+    except msgspec.DecodeError:  # ValidationError included
+        return 0
+    return sum(1 for item in record.items if is_failure(item.error, item.outputs))
+
+
 def encode_record(record: JournalRecord) -> bytes:
     return _encoder.encode(record)
 
@@ -76,10 +97,11 @@ BASE_FIELDS: list[pa.Field] = [
 def records_to_table(
     records: Iterable[JournalRecord], output_fields: Iterable[str] = ()
 ) -> pa.Table:
-    """One row per item. Empty generations are dropped; an item left with no text and no
-    error gets the error ``NO_TEXT``. One ``list<string>`` column per output field: the
-    job's ``output_fields`` always (so every part has them, empty for failed items), and any
-    other field a record holds."""
+    """One row per item. One ``list<string>`` column per output field: the job's
+    ``output_fields`` always (so every part has them, empty for failed items), and any other
+    field a record holds. A field keeps one entry per prompt in prompt order, so an entry
+    is matched to its prompt by position: an empty generation is kept as ``""`` (blank
+    text too). An item with no text at all and no error gets the error ``NO_TEXT``."""
     records = list(records)
     present = {f for r in records for item in r.items for f in item.outputs}
     fields = sorted(present.union(output_fields))
@@ -102,12 +124,10 @@ def records_to_table(
             cols["processing_ms"].append(item.processing_ms)
             cols["width"].append(item.width)
             cols["height"].append(item.height)
-            has_text = False
             for f in fields:
-                texts = [t for t in item.outputs.get(f, ()) if t.strip()]
-                has_text = has_text or bool(texts)
-                outs[f].append(texts)
-            cols["error"].append(item.error or (None if has_text else NO_TEXT))
+                outs[f].append([t if t.strip() else "" for t in item.outputs.get(f, ())])
+            failed = is_failure(item.error, item.outputs)
+            cols["error"].append(item.error or (NO_TEXT if failed else None))
     schema = pa.schema([*BASE_FIELDS, *(pa.field(f, pa.list_(pa.string())) for f in fields)])
     arrays = [pa.array(cols[f.name], f.type) for f in BASE_FIELDS]
     arrays += [pa.array(outs[f], pa.list_(pa.string())) for f in fields]

@@ -294,6 +294,11 @@ class StateDB:
                 break
         return entries
 
+    def journal_records(self) -> Iterator[bytes]:
+        """Every journal record, oldest first (read one at a time)."""
+        for (record,) in self.conn.execute("SELECT record FROM journal ORDER BY seq"):
+            yield bytes(record)
+
     def quarantine(self, bad: Sequence[Quarantined]) -> int:
         """Set aside records that cannot become Parquet rows. Returns the journal items
         removed.

@@ -21,12 +21,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 
 from caption_flow import faults
 from caption_flow.errors import StorageError
+from caption_flow.storage import identity
+from caption_flow.storage.lock import DataDirLock
 from caption_flow.storage.parts import (
     PART_GLOB,
     check_part,
@@ -37,8 +39,12 @@ from caption_flow.storage.parts import (
     write_part,
 )
 from caption_flow.storage.requeue import Reopened, split_failed
-from caption_flow.storage.rows import decode_record, records_to_table
+from caption_flow.storage.reader import failed_rows
+from caption_flow.storage.rows import decode_record, record_failures, records_to_table
 from caption_flow.storage.state import ChunkState, JournalBatch, JournalEntry, Quarantined, StateDB
+
+if TYPE_CHECKING:
+    from caption_flow.config.models import DatasetConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +70,13 @@ class CaptionStore:
         compact_rows: int = 50_000,
         compact_seconds: float = 10.0,
         group_commit_ms: float = 0.0,
+        dataset: DatasetConfig | None = None,
+        force_new_dataset: bool = False,
     ) -> None:
+        """Locks ``data_dir`` first (StorageError while another process holds it). With
+        ``dataset``, a directory that belongs to another dataset is refused, or with
+        ``force_new_dataset`` its run is moved aside (see :mod:`caption_flow.storage.identity`).
+        """
         self.data_dir = data_dir
         self.parts_dir = data_dir / "captions"
         self.compact_rows = compact_rows
@@ -75,11 +87,24 @@ class CaptionStore:
         # Output columns every part gets, even when no row of it has text for them (the
         # orchestrator sets the job's fields here), so parts agree on their schema.
         self.output_fields: set[str] = set()
-        self._refuse_parts_without_database()
+        # Rows stored with an error (NO_TEXT included), journal and parts together: counted
+        # from the output at start, then kept up to date by every change of the output.
+        self.items_failed = 0
+        self.lock = DataDirLock.acquire(data_dir)
+        try:
+            self.identity = None if dataset is None else identity.DatasetIdentity.of(dataset)
+            if self.identity is not None:
+                identity.claim(data_dir, self.identity, force_new_dataset)
+            self._refuse_parts_without_database()
+            self.db = StateDB(data_dir / "state.db")
+            if self.identity is not None:
+                identity.record(self.db, self.identity)
+            self.reader = StateDB(data_dir / "state.db", read_only=True)
+        except BaseException:
+            self.lock.release()
+            raise
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-db")
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-parquet")
-        self.db = StateDB(data_dir / "state.db")
-        self.reader = StateDB(data_dir / "state.db", read_only=True)
         self._waiting: list[_Pending] = []
         self._in_flight: Future[None] | None = None
         self._delayed = False
@@ -117,10 +142,19 @@ class CaptionStore:
         """Repair what a crash left behind, then start the writer and the compactor."""
         recorded = await self.run_db(self._repair)
         self._journal_rows = await self.run_db(self.db.journal_size)
+        self.items_failed = await self.run_db(self._journal_failures) + await self._run_io(
+            self._parts_failures, await self.run_db(self.db.part_names)
+        )
         if self._journal_rows:
             self._oldest_unflushed = time.monotonic()
         log.info("store ready: %d journal rows, %d parts", self._journal_rows, recorded)
         self._tasks = [asyncio.create_task(self._compactor(), name="store-compactor")]
+
+    def _journal_failures(self) -> int:
+        return sum(record_failures(r) for r in self.db.journal_records())
+
+    def _parts_failures(self, names: set[str]) -> int:
+        return sum(failed_rows(self.parts_dir / n) for n in names if (self.parts_dir / n).exists())
 
     def _repair(self) -> int:
         """Remove intended parts and temporary files (their rows are in the journal), move
@@ -186,6 +220,7 @@ class CaptionStore:
             log.error("commit of %d records failed: %s", len(batches), exc)
         else:
             rows = sum(len(b.item_ids) for b in batches)
+            self.items_failed += sum(b.failed for b in batches)
             self.committed_rows += rows
             self._journal_rows += rows
             if self._oldest_unflushed is None and rows:
@@ -320,6 +355,7 @@ class CaptionStore:
 
     async def _quarantine(self, bad: list[Quarantined]) -> None:
         removed = await self.run_db(self.db.quarantine, bad)
+        self.items_failed = max(0, self.items_failed - sum(record_failures(q.record) for q in bad))
         self._journal_rows = max(0, self._journal_rows - removed)
         for q in bad:
             log.error(
@@ -354,6 +390,7 @@ class CaptionStore:
                 ids = await self.run_db(self.db.swap_part, name, new, kept.num_rows, failed)
                 (self.parts_dir / name).unlink(missing_ok=True)
                 reopened.add(ids)
+                self.items_failed = max(0, self.items_failed - len(failed))
                 log.info("%s: %d failed rows taken out (now %s)", name, len(failed), new)
             reopened.chunks = await self.run_db(self.db.revive_failed_chunks)
         return reopened
@@ -383,3 +420,4 @@ class CaptionStore:
         self.reader.close()
         self._db_thread.shutdown(wait=True)
         self._io_thread.shutdown(wait=True)
+        self.lock.release()
