@@ -758,6 +758,7 @@ def report_load(console: Any, cell: LoadCell) -> bool:
         "worker time",
         "server CPU",
         "loop stall",
+        "GC ms (max)",
     ):
         table.add_column(name, justify="right")
     table.add_row(
@@ -771,6 +772,7 @@ def report_load(console: Any, cell: LoadCell) -> bool:
         f"{cell.worker_s:.1f}s",
         f"{cell.server_cpu:.0%}",
         f"{cell.stall_ms:.0f} ms",
+        f"{cell.gc_ms[0]:.0f} ({cell.gc_ms[1]:.0f})",
     )
     console.print(table)
     console.print(
@@ -831,7 +833,7 @@ async def bench_main(args: argparse.Namespace, server_cpus: set[int], client_cpu
             # First: RSS growth means little once earlier cells have left freed memory in
             # the allocator, and their dirty pages would still be flushing under its fsyncs.
             bench.load, checks = await load_phase(
-                args, scratch, bench.client_cpus, _watch_loop, _cpu_seconds
+                args, scratch, bench.client_cpus, _watch_loop, _cpu_seconds, GC_PAUSES
             )
             bench.checks += checks
         if args.phases & {"raw", "assign", "results"}:

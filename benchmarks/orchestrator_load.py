@@ -288,6 +288,7 @@ class LoadCell:
     worker_s: float = 0.0
     server_cpu: float = 0.0  # share of one core while the worker captioned
     stall_ms: float = 0.0
+    gc_ms: tuple[float, float] = (0.0, 0.0)  # the server's garbage collector: total, longest
     dropped: int = 0
     heartbeats: int = 0
     error: str = ""
@@ -358,7 +359,12 @@ async def _line(proc: Any, timeout: float, what: str) -> dict[str, Any]:
 
 
 async def load_phase(
-    args: Any, scratch: Path, client_cpus: list[int], watch_loop: Any, cpu_seconds: Any
+    args: Any,
+    scratch: Path,
+    client_cpus: list[int],
+    watch_loop: Any,
+    cpu_seconds: Any,
+    gc_pauses: list[float],
 ) -> tuple[LoadCell, list[Any]]:
     """Run the cell; return it and its correctness checks (name, ok, detail)."""
     from caption_flow.demo.tiny_model import build_tiny_model, generate_images
@@ -433,6 +439,7 @@ async def load_phase(
             "TOKENIZERS_PARALLELISM": "false",
         }
         stall = asyncio.create_task(watch_loop())
+        gc_pauses.clear()
         cpu0, wall0 = cpu_seconds(), time.monotonic()
         worker = await _spawn(
             "--worker-spec",
@@ -449,6 +456,7 @@ async def load_phase(
         cell.server_cpu = (cpu_seconds() - cpu0) / max(time.monotonic() - wall0, 1e-9)
         stall.cancel()
         cell.stall_ms = 1000 * await stall
+        cell.gc_ms = (1000 * sum(gc_pauses), 1000 * max(gc_pauses, default=0.0))
         cell.items, cell.worker_s = done["items"], done["seconds"]
         await asyncio.wait_for(worker.wait(), 60)
         assert holder.stdin is not None

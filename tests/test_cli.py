@@ -45,10 +45,10 @@ def test_run_with_flag_shortcuts(tmp_path: Path, tiny_model_dir: Path, image_fol
     assert "7 of 7" in done.stdout
     rows = read_rows(tmp_path / "out")
     assert collections.Counter(r["item_key"] for r in rows) == {p.name: 1 for p in images}
-    # One caption per prompt; the default sampling (temperature 0.7) lets the random model
-    # end a generation at once now and then, and empty generations are dropped.
-    assert all(1 <= len(r["captions"]) <= 3 for r in rows)
-    assert sum(len(r["captions"]) == 3 for r in rows) >= 4
+    # One entry per prompt, in prompt order, even where the random model (default sampling,
+    # temperature 0.7) ended a generation at once: that entry is "".
+    assert all(len(r["captions"]) == 3 for r in rows)
+    assert sum(all(r["captions"]) for r in rows) >= 4
     assert all(r["model"] == str(tiny_model_dir) and r["error"] is None for r in rows)
 
 

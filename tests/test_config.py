@@ -98,3 +98,12 @@ def test_shipped_examples_are_valid(isolated: Path) -> None:
     orch = orchestrator_config(str(EXAMPLES / "orchestrator.yaml"), {})
     work = worker_config(str(EXAMPLES / "worker.yaml"), {})
     assert orch.vllm.inference_prompts and work.server.startswith("ws")
+
+
+def test_examples_fallback_can_be_left_out(isolated: Path) -> None:
+    example = isolated / "work" / "examples" / "worker.yaml"
+    example.parent.mkdir()
+    example.write_text("worker: {name: from-examples}\n")
+    assert find_config("worker") == example
+    assert find_config("worker", examples=False) is None  # what `run` uses
+    assert all("examples" not in p.parts for p in candidate_paths("worker", examples=False))

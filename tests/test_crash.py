@@ -223,8 +223,8 @@ def check_output(cluster: Cluster, images: list[Path]) -> set[str]:
     for line in acked:
         row = by_key[line["key"]]
         for field, texts in line["outputs"].items():
-            # The store keeps the generations that hold text (see rows.records_to_table).
-            assert row[field] == [t for t in texts if t.strip()], (line, row)
+            # One entry per prompt; blank text is stored as "" (see rows.records_to_table).
+            assert row[field] == [t if t.strip() else "" for t in texts], (line, row)
         if line["error"] is not None:
             assert row["error"] == line["error"], (line, row)
         elif not any(t.strip() for texts in line["outputs"].values() for t in texts):

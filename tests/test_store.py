@@ -12,6 +12,7 @@ import pytest
 from support import eventually, read_rows
 
 from caption_flow.errors import StorageError
+from caption_flow.storage.lock import LOCK_NAME
 from caption_flow.storage.parts import part_name, write_part
 from caption_flow.storage.rows import (
     NO_TEXT,
@@ -80,7 +81,7 @@ async def test_commit_compact_and_recover(tmp_path: Path) -> None:
 
     parts = sorted((tmp_path / "captions").glob("part-*.parquet"))
     rows = {r["item_key"]: r for r in pq.read_table(parts[0]).to_pylist()}
-    assert rows["a"]["captions"] == ["caption a"] and rows["a"]["error"] is None
+    assert rows["a"]["captions"] == ["caption a", ""] and rows["a"]["error"] is None
     assert rows["b"]["error"] == "cannot decode image" and rows["b"]["captions"] == []
     assert rows["c"]["tags"] == ["x"] and rows["c"]["captions"] == []
     assert rows["d"]["error"] == NO_TEXT, "an item whose every generation was empty"
@@ -348,4 +349,7 @@ def test_parts_without_a_state_db_refuse_to_start_and_touch_nothing(tmp_path: Pa
         CaptionStore(tmp_path)
     message = str(raised.value)
     assert "\n" not in message and "state.db" in message and "--data-dir" in message
-    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    # Only the (released, empty) lock file is new: the lock is taken before anything else.
+    lock = tmp_path / LOCK_NAME
+    assert lock.read_bytes() == b""
+    assert sorted(str(p) for p in tmp_path.rglob("*") if p != lock) == before

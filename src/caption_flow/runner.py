@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from caption_flow.config.models import OrchestratorConfig, TokenEntry, WorkerConfig
+from caption_flow.engines.captioner import Captioner
 from caption_flow.errors import SourceError
 from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.storage.reader import FailureReason, failure_summary
@@ -78,11 +79,19 @@ async def run_local(
     orchestrator_config: OrchestratorConfig,
     worker_config: WorkerConfig,
     progress: Progress | None = None,
+    captioner: Captioner | None = None,
 ) -> RunSummary:
+    """Caption the dataset with one local worker; SourceError for a dataset without items.
+    ``captioner`` stands in for the worker's own (tests pass one with a stub engine)."""
     orchestrator_config, worker_config = local_configs(orchestrator_config, worker_config)
     orchestrator = Orchestrator(orchestrator_config)
     started = time.monotonic()
-    await orchestrator.start()
+    try:
+        await orchestrator.start()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            await orchestrator.stop()  # closes the store, so the data directory is unlocked
+        raise
     first = orchestrator.snapshot()
     if first["items_total"] == 0:
         await orchestrator.stop()
@@ -102,7 +111,7 @@ async def run_local(
     worker_config = worker_config.model_copy(
         update={"server": f"{scheme}://{host}:{orchestrator.port}", "verify_ssl": False}
     )
-    worker = Worker(worker_config)
+    worker = Worker(worker_config, captioner=captioner)
     worker_task = asyncio.create_task(worker.run(), name="local-worker")
     try:
         while not worker_task.done():

@@ -13,11 +13,21 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from caption_flow.cli.configs import dataset_type_for, orchestrator_config, worker_config
+from caption_flow.cli.preflight import check_port_free, port_error
 from caption_flow.errors import CaptionFlowError
+from caption_flow.sources.check import check_dataset
 
 console = Console(stderr=True)
+
+FROM_CONFIG = "config file"
+CONFIG_HELP = "YAML file (default: the first found, see the README; the one used is logged)"
+RUN_CONFIG_HELP = (
+    "YAML file with an orchestrator section (default: the first found, ./examples "
+    "excluded; the one used is logged)"
+)
 
 
 #: Libraries whose INFO and DEBUG lines are about their own internals, never shown.
@@ -86,6 +96,7 @@ def verbose_option(command: Any) -> Any:
         count=True,
         expose_value=False,
         callback=_verbosity,
+        show_default=False,
         help="-v: progress logs, -vv: debug (also accepted before the subcommand)",
     )(command)
 
@@ -108,23 +119,61 @@ def cli(verbose: int) -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file")
-@click.option("--host", help="address to listen on")
-@click.option("--port", type=int, help="port to listen on (0: any free port)")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="state and output folder")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--host", help="address to listen on", show_default=FROM_CONFIG + ", else 0.0.0.0")
+@click.option(
+    "--port",
+    type=int,
+    help="port to listen on (0: any free port)",
+    show_default=FROM_CONFIG + ", else 8765",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="state and output folder",
+    show_default=FROM_CONFIG + ", else ./caption_data",
+)
+@click.option(
+    "--force-new-dataset",
+    is_flag=True,
+    default=None,
+    help="if the data directory holds another dataset's run, move that run (state.db, "
+    "captions/) aside into DATA_DIR/replaced/<time>/ and start a new one; nothing is deleted "
+    "(without it, such a directory is refused)",
+)
+@verbose_option
 def orchestrator(
-    config_path: str | None, host: str | None, port: int | None, data_dir: str | None
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    data_dir: str | None,
+    force_new_dataset: bool | None,
 ) -> None:
     """Serve a dataset to workers and store their captions."""
     from caption_flow.orchestrator.server import Orchestrator
 
     config = orchestrator_config(
-        config_path, {"host": host, "port": port, "storage.data_dir": data_dir}
+        config_path,
+        {
+            "host": host,
+            "port": port,
+            "storage.data_dir": data_dir,
+            "storage.force_new_dataset": force_new_dataset,
+        },
     )
+    check_dataset(config.dataset)
+    check_port_free(config.host, config.port)
 
     async def serve() -> None:
         orch = Orchestrator(config)
-        await orch.start()
+        try:
+            await orch.start()
+        except OSError as exc:
+            clear = port_error(exc, config.host, config.port)
+            if clear is None:
+                raise
+            await orch.stop()
+            raise clear from None
         console.print(f"orchestrator listening on {config.host}:{orch.port}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -144,7 +193,7 @@ def orchestrator(
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--server", help="orchestrator URL, ws://host:port or wss://host:port")
 @click.option("--token", help="worker token")
 @click.option("--name", help="worker name shown in the monitor")
@@ -152,7 +201,12 @@ def orchestrator(
 @click.option("--batch-size", type=int, help="images per engine batch (overrides the job)")
 @click.option("--model", help="model to use instead of the orchestrator's")
 @click.option("--precision", help="dtype: auto, float16, bfloat16, float32")
-@click.option("--engine", type=click.Choice(["auto", "transformers", "vllm"]))
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "transformers", "vllm"]),
+    help="inference engine: auto is vLLM on a CUDA GPU with vLLM installed, else transformers",
+    show_default=FROM_CONFIG + ", else auto",
+)
 @click.option("--dataset-path", help="where this host sees the dataset")
 @click.option("--exit-when-done", is_flag=True, default=None, help="stop when nothing is left")
 @click.option(
@@ -166,6 +220,7 @@ def orchestrator(
     type=click.Path(dir_okay=False),
     help="append one JSON line per acknowledged item to this file",
 )
+@verbose_option
 def worker(config_path: str | None, **flags: Any) -> None:
     """Caption chunks leased by an orchestrator."""
     config = worker_config(config_path, flags)
@@ -184,27 +239,82 @@ def worker(config_path: str | None, **flags: Any) -> None:
     _run(work())
 
 
+def _check_models(job: Any) -> None:
+    """A missing model folder or unreachable hub id fails here, before anything starts."""
+    from caption_flow.engines.hub import loadable_location
+
+    loadable_location(job.model, job.revision)
+    for stage in job.stages:
+        if stage.model is not None and stage.model != job.model:
+            loadable_location(stage.model)
+
+
 def _run_and_report(orch_cfg: Any, worker_cfg: Any) -> None:
     from caption_flow.cli.progress import ItemsProgress, summary_table
     from caption_flow.runner import run_local
     from caption_flow.storage.reader import sample_captions
 
-    with ItemsProgress(console) as bar:
-        summary = _run(run_local(orch_cfg, worker_cfg, progress=bar.update))
+    check_dataset(orch_cfg.dataset)
+    check_port_free(orch_cfg.host, orch_cfg.port)
+    _check_models(orch_cfg.vllm)
+    try:
+        with ItemsProgress(console) as bar:
+            summary = _run(run_local(orch_cfg, worker_cfg, progress=bar.update))
+    except OSError as exc:  # the port was taken between the check and the start
+        clear = port_error(exc, orch_cfg.host, orch_cfg.port)
+        if clear is None:
+            raise
+        raise clear from None
     field = orch_cfg.vllm.output_field
     samples = sample_captions(Path(summary.output_dir), field=field)
     Console().print(summary_table(summary, samples))
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file")
-@click.option("--dataset", help="image folder, tar shards or a Hugging Face dataset")
-@click.option("--model", help="model id or local path")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="state and output folder")
-@click.option("--prompt", "prompts", multiple=True, help="a prompt (repeat for several)")
-@click.option("--batch-size", type=int, help="images per engine batch")
-@click.option("--engine", type=click.Choice(["auto", "transformers", "vllm"]), default="auto")
-@click.option("--port", type=int, default=0, help="port for the local orchestrator")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=RUN_CONFIG_HELP)
+@click.option(
+    "--dataset",
+    help="image folder, tar shards (.tar, pattern or folder of tars), a .parquet file or "
+    "folder, or a Hugging Face dataset id",
+    show_default=FROM_CONFIG + ", else ./images",
+)
+@click.option(
+    "--model",
+    help="model id or local path",
+    show_default=FROM_CONFIG + ", else Qwen/Qwen2.5-VL-3B-Instruct",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="state and output folder",
+    show_default=FROM_CONFIG + ", else ./caption_data",
+)
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    help="a prompt (repeat for several)",
+    show_default=FROM_CONFIG,
+)
+@click.option(
+    "--batch-size", type=int, help="images per engine batch", show_default=FROM_CONFIG + ", else 8"
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "transformers", "vllm"]),
+    default="auto",
+    help="inference engine: auto is vLLM on a CUDA GPU with vLLM installed, else transformers",
+)
+@click.option("--port", type=int, default=0, help="port for the local orchestrator (0: any free)")
+@click.option(
+    "--force-new-dataset",
+    is_flag=True,
+    default=None,
+    help="if the data directory holds another dataset's run, move that run (state.db, "
+    "captions/) aside into DATA_DIR/replaced/<time>/ and start a new one; nothing is deleted "
+    "(without it, such a directory is refused)",
+)
+@verbose_option
 def run(
     config_path: str | None,
     dataset: str | None,
@@ -214,6 +324,7 @@ def run(
     batch_size: int | None,
     engine: str,
     port: int,
+    force_new_dataset: bool | None,
 ) -> None:
     """Orchestrator plus one local worker: caption a dataset on this machine."""
     overrides: dict[str, Any] = {
@@ -221,21 +332,34 @@ def run(
         "port": port,
         "vllm.model": model,
         "storage.data_dir": data_dir,
+        "storage.force_new_dataset": force_new_dataset,
         "vllm.inference_prompts": list(prompts) or None,
         "vllm.batch_size": batch_size,
     }
     if dataset is not None:
         overrides["dataset.path"] = dataset
         overrides["dataset.type"] = dataset_type_for(dataset)
-    orch_cfg = orchestrator_config(config_path, overrides)
-    worker_cfg = worker_config(None, {"engine": engine, "name": "local"})
+    # No ./examples fallback: run is new, and the sample's model and paths would surprise.
+    orch_cfg = orchestrator_config(config_path, overrides, examples=False)
+    worker_cfg = worker_config(None, {"engine": engine, "name": "local"}, examples=False)
     _run_and_report(orch_cfg, worker_cfg)
 
 
 @cli.command()
-@click.option("--workdir", type=click.Path(file_okay=False), default="caption-flow-demo")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default="caption-flow-demo",
+    help="folder for the tiny model, the images and the output (reused by the next demo)",
+)
 @click.option("--images", type=int, default=48, help="how many images to generate")
-@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers")
+@click.option(
+    "--engine",
+    type=click.Choice(["transformers", "vllm"]),
+    default="transformers",
+    help="inference engine (vLLM is set up for this machine's CPU or GPU)",
+)
+@verbose_option
 def demo(workdir: str, images: int, engine: str) -> None:
     """Caption generated images with a tiny local model: no GPU, no network."""
     from caption_flow.demo.run_demo import demo_configs
@@ -254,6 +378,7 @@ def demo(workdir: str, images: int, engine: str) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="state and output folder")
 @click.option("--failed", is_flag=True, required=True, help="caption failed items and chunks again")
+@verbose_option
 def requeue(config_path: str | None, data_dir: str | None, failed: bool) -> None:
     """Put failed items back in the queue (the orchestrator must be stopped; while it runs,
     an admin sends the `requeue` message instead)."""
@@ -280,7 +405,8 @@ def main() -> None:
     try:
         cli(standalone_mode=True)
     except CaptionFlowError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        # One line, never wrapped or read as markup: it must survive a log file and grep.
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -14,8 +14,17 @@ from caption_flow.errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 
 
-def candidate_paths(component: str, explicit: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Where ``component``.yaml is looked for, in order."""
+def candidate_paths(
+    component: str,
+    explicit: str | os.PathLike[str] | None = None,
+    examples: bool = True,
+) -> list[Path]:
+    """Where ``component``.yaml is looked for, in order.
+
+    ``./examples/`` comes last, as in the original caption-flow, whose users run the
+    services from a clone; ``examples=False`` leaves it out (``run``, which is new and whose
+    user would not expect the sample's model and paths).
+    """
     name = f"{component}.yaml"
     if explicit is not None:
         return [Path(explicit)]
@@ -29,13 +38,20 @@ def candidate_paths(component: str, explicit: str | os.PathLike[str] | None = No
         xdg_home / "caption-flow" / name,
         Path("/etc/caption-flow") / name,
         *[d / "caption-flow" / name for d in xdg_dirs],
-        Path.cwd() / "examples" / name,
+        *([Path.cwd() / "examples" / name] if examples else []),
     ]
 
 
-def find_config(component: str, explicit: str | os.PathLike[str] | None = None) -> Path | None:
+def is_example(path: Path) -> bool:
+    """Whether ``path`` is the ``./examples/`` fallback rather than a user's own file."""
+    return path.parent.name == "examples" and path.parent.parent == Path.cwd()
+
+
+def find_config(
+    component: str, explicit: str | os.PathLike[str] | None = None, examples: bool = True
+) -> Path | None:
     """The first existing candidate, or None. An explicit path that is missing is an error."""
-    paths = candidate_paths(component, explicit)
+    paths = candidate_paths(component, explicit, examples)
     if explicit is not None:
         if not paths[0].is_file():
             raise ConfigError(f"config file not found: {paths[0]}")

@@ -221,8 +221,8 @@ class OrchestratorConfig(_Strict):
 
 class WorkerConfig(_Strict):
     server: str = "ws://localhost:8765"
-    token: str = ""
-    name: str = "worker"
+    token: str = Field("", max_length=512)
+    name: str = Field("worker", min_length=1, max_length=128)
     gpu_id: int | None = None
     batch_size: int | None = Field(None, ge=1)
     model: str | None = None

@@ -158,8 +158,16 @@ def _build_into(folder: Path, seed: int) -> None:
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
     )
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-file "shards" bar is noise in a demo's output
+    try:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
@@ -239,3 +247,31 @@ def generate_images(
             image.save(target, format="PNG")
         paths.append(target)
     return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m caption_flow.demo.tiny_model [DIR]``: build the model (and images)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m caption_flow.demo.tiny_model",
+        description="Build a tiny random Qwen2-VL model offline, for tests and demos.",
+    )
+    parser.add_argument(
+        "output", nargs="?", default="tiny-qwen2-vl", help="folder (default: ./tiny-qwen2-vl)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="weights seed (default: 0)")
+    parser.add_argument(
+        "--images", type=int, default=0, help="also write this many test images to OUTPUT-images"
+    )
+    args = parser.parse_args(argv)
+    model = build_tiny_model(Path(args.output), seed=args.seed)
+    print(f"tiny model in {model}")  # the command's result, not a log line
+    if args.images:
+        folder = model.parent / f"{model.name}-images"
+        generate_images(folder, args.images, seed=args.seed)
+        print(f"{args.images} test images in {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +19,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from caption_flow.config.models import SamplingConfig
 from caption_flow.engines.base import EngineSpec, Generation, GenerationRequest
 from caption_flow.engines.chat import format_prompt
+from caption_flow.engines.hub import loadable_location
 from caption_flow.errors import EngineError
+from caption_flow.images.decode import error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +45,6 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
-def model_location(model: str) -> str:
-    """A local folder as an absolute path; anything else is a hub id for from_pretrained.
-
-    A name written as a path that does not exist fails here, instead of being looked up on
-    the hub (slow, and a confusing error when offline).
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path.absolute())
-    if model.startswith(("/", "./", "../", "~")) or path.suffix in (".json", ".safetensors"):
-        raise EngineError(f"model folder {model!r} does not exist")
-    return model
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, a MemoryError, or a RuntimeError from a failed allocation."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
@@ -71,8 +58,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def engine_error(action: str, exc: BaseException) -> EngineError:
     """``exc`` from torch or transformers as our EngineError, saying when memory ran out."""
     if is_out_of_memory(exc):
-        return EngineError(f"out of memory while {action}: {exc}")
-    return EngineError(f"{action} failed: {type(exc).__name__}: {exc}")
+        return EngineError(f"out of memory while {action}: {error_reason(exc)}")
+    return EngineError(f"{action} failed: {error_reason(exc)}")
 
 
 # The vLLM engine imported these under their first, private names.
@@ -122,7 +109,7 @@ class TransformersEngine:
             # cores ran the pipeline at 60 img/s, 1 thread at 95).
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
         dtype = resolve_dtype(spec.dtype, self.device)
-        location = model_location(spec.model)
+        location = loadable_location(spec.model, spec.revision)
         common: dict[str, Any] = {
             "revision": spec.revision,
             "trust_remote_code": spec.trust_remote_code,

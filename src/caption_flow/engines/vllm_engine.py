@@ -16,13 +16,27 @@ from typing import Any
 from caption_flow.config.models import SamplingConfig
 from caption_flow.engines.base import EngineSpec, Generation, GenerationRequest
 from caption_flow.engines.chat import format_prompt
-from caption_flow.engines.transformers_engine import engine_error, model_location
+from caption_flow.engines.hub import loadable_location, model_location
+from caption_flow.engines.startup_log import StartupLog, is_pointer, one_line, root_cause
+from caption_flow.engines.transformers_engine import engine_error
 from caption_flow.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
 #: We only ever send images: other modalities get no memory budget unless the spec asks.
 _UNUSED_MODALITIES = {"video": 0, "audio": 0}
+
+
+class _RepeatedThreadWarning(logging.Filter):
+    """vLLM's CPU backend replaces ``torch.set_num_threads`` with a warning; with the engine
+    in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as in the demo) vLLM's own image
+    processing calls it for every request: dozens of identical lines about vLLM's internals."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("CPU backend doesn't allow to use `torch.set_num")
+
+
+_CPU_WORKER_LOGGER = "vllm.v1.worker.cpu_worker"
 
 
 def engine_args(spec: EngineSpec, platform_device: str = "cuda") -> dict[str, Any]:
@@ -62,6 +76,24 @@ def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
         "stop": list(sampling.stop) or None,
         "seed": sampling.seed,
     }
+
+
+def start_error(model: str, exc: BaseException, startup: StartupLog) -> EngineError:
+    """One line that names why vLLM did not start, even when the cause was raised in one of
+    its engine processes and the exception here only says "see root cause above"."""
+    action = f"starting vLLM for {model}"
+    cause = root_cause(startup.text()) if is_pointer(str(exc)) else None
+    if cause is not None:
+        if "gpu-memory-utilization" in cause:  # vLLM names its own flag, not our key
+            cause += (
+                " [captionflow: set vllm.gpu_memory_utilization in the orchestrator config, "
+                "or the KV cache size in GiB with VLLM_CPU_KVCACHE_SPACE on a CPU]"
+            )
+        return EngineError(f"{action} failed: {cause}")
+    message = one_line(str(engine_error(action, exc)))
+    if is_pointer(str(exc)) and startup.active:
+        message += " (run with -v to see vLLM's log)"
+    return EngineError(message)
 
 
 def _check_device(device: str, platform_device: str) -> None:
@@ -109,6 +141,10 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         _check_device(spec.device, current_platform.device_type)
+        if current_platform.device_type == "cpu":
+            cpu_worker_log = logging.getLogger(_CPU_WORKER_LOGGER)
+            if not any(isinstance(f, _RepeatedThreadWarning) for f in cpu_worker_log.filters):
+                cpu_worker_log.addFilter(_RepeatedThreadWarning())
         self.spec = spec
         self._args = engine_args(spec, current_platform.device_type)
         self._llm: Any = None
@@ -119,16 +155,21 @@ class VLLMEngine:
         from transformers import AutoProcessor
         from vllm import LLM
 
+        loadable_location(self.spec.model, self.spec.revision)  # a hub id fails fast offline
         logger.info("starting vLLM for %s", self.spec.model)
+        startup = StartupLog()
         try:
-            self._processor = AutoProcessor.from_pretrained(
-                self._args["model"],
-                revision=self.spec.revision,
-                trust_remote_code=self.spec.trust_remote_code,
-            )
-            self._llm = LLM(**self._args)
+            with startup:
+                self._processor = AutoProcessor.from_pretrained(
+                    self._args["model"],
+                    revision=self.spec.revision,
+                    trust_remote_code=self.spec.trust_remote_code,
+                )
+                self._llm = LLM(**self._args)
         except Exception as exc:  # foreign code: anything it raises becomes our error
-            raise engine_error(f"loading {self.spec.model} with vLLM", exc) from exc
+            raise start_error(self.spec.model, exc, startup) from exc
+        finally:
+            startup.close()
 
     @property
     def llm(self) -> Any:

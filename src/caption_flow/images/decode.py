@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -136,7 +137,17 @@ def _decode_pillow(data: bytes, config: ImageConfig) -> tuple[Image.Image, int, 
     except Exception as exc:
         # Pillow's format plugins raise many exception types on hostile input (OSError,
         # SyntaxError, struct.error, IndexError, ...); each is one bad item, never a crash.
-        raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+        raise ImageError(f"cannot decode image: {error_reason(exc)}") from None
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def error_reason(exc: BaseException) -> str:
+    """``Type: message`` without object reprs (``<_io.BytesIO object at 0x7f...>``): a reason
+    is stored and compared across items, and a memory address differs every time."""
+    message = _OBJECT_REPR.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _pillow_orientation(image: Image.Image) -> int:

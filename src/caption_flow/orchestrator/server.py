@@ -19,6 +19,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, serve
 from websockets.asyncio.server import ServerConnection as WSConnection
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 
 from caption_flow.config.discovery import deep_merge
@@ -83,6 +84,7 @@ class Orchestrator:
         self.started_at = time.time()
         self.budget = ByteBudget(config.limits.max_inflight_bytes)
         self._handshakes = 0
+        self._frozen_at = 0  # sessions at the last gc.freeze()
         self._server: Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.finished = asyncio.Event()
@@ -213,6 +215,13 @@ class Orchestrator:
             self._handshakes -= 1
         assert connection.identity is not None and connection.hello is not None
         hello = connection.hello
+        # Memory per connection matters at 10k+: keep nothing of the handshake but who it is.
+        connection.hello = None
+        # (websockets tells a finished handshake by ``request`` being set: keep the object,
+        # drop its headers.)
+        if websocket.request is not None:
+            websocket.request.headers = Headers()
+        websocket.response = None
         session = Session(
             session_id=uuid.uuid4().hex[:12],
             identity=connection.identity,
@@ -228,6 +237,7 @@ class Orchestrator:
         if session.role == "worker" and hello.held_chunks and self.desk is not None:
             resumed = await self.desk.resume(session, hello.held_chunks)
         self.sessions[session.session_id] = session
+        self._freeze_when_grown()
         log.info("%s %s connected (%s)", session.role, session.name, session.session_id)
         await session.send(
             Welcome(
@@ -245,6 +255,13 @@ class Orchestrator:
                 # Leases wait the reconnect window: a worker that comes back keeps them.
                 self.desk.disconnected(session)
             log.info("%s %s disconnected", session.role, session.name)
+
+    def _freeze_when_grown(self) -> None:
+        """Move long-lived objects out of the garbage collector's sight as connections pile
+        up: a full collection walking 10k sessions stalls the loop for tens of ms."""
+        if len(self.sessions) >= self._frozen_at * 5 // 4 + 256:
+            self._frozen_at = len(self.sessions)
+            gc.freeze()
 
     async def _serve(self, session: Session) -> None:
         limits = self.config.limits

@@ -18,12 +18,13 @@ class Session:
     name: str
     websocket: Any
     connection: ServerConnection
+    # Results messages of this connection being stored now (the limit is the config's
+    # max_outstanding_results), and their tasks (kept so none is garbage-collected
+    # half-way or forgotten).
+    outstanding: asyncio.Semaphore
     connected_at: float = field(default_factory=time.time)
     stats: dict[str, float] = field(default_factory=dict)
     items_done: int = 0
-    # Results messages of this connection being stored now, and their tasks (kept so none
-    # is garbage-collected half-way or forgotten).
-    outstanding: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property

@@ -17,6 +17,7 @@ from caption_flow.errors import ConfigError
 from caption_flow.sources.hf_resolve import is_local_dataset
 from caption_flow.sources.shards import is_remote, local_path
 
+
 def check_dataset(config: DatasetConfig) -> None:
     """Raise ConfigError when a local dataset is not where ``dataset.path`` says."""
     path = config.path
@@ -24,11 +25,14 @@ def check_dataset(config: DatasetConfig) -> None:
         _check_folder(path)
     elif config.type == "webdataset" and not is_remote(path):
         _check_tars(local_path(path))
-    elif config.type == "huggingface" and not is_remote(path) and is_local_dataset(path):
-        if not Path(path).expanduser().exists():
-            raise ConfigError(
-                f"dataset.path {path!r} not found: no such parquet/arrow file or folder"
-            )
+    elif config.type == "huggingface" and _missing_local(path):
+        raise ConfigError(f"dataset.path {path!r} not found: no such parquet/arrow file or folder")
+
+
+def _missing_local(path: str) -> bool:
+    """A local path (not a hub id or URL) with nothing there."""
+    local = not is_remote(path) and is_local_dataset(path)
+    return local and not Path(path).expanduser().exists()
 
 
 def _check_folder(path: str) -> None:
@@ -49,4 +53,3 @@ def _check_tars(pattern: str) -> None:
         if os.path.isfile(part) or os.path.isdir(part):
             return
     raise ConfigError(f"dataset.path {pattern!r} not found: no tar file or folder of tars there")
-

@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from caption_flow.images.decode import error_reason
+
 logger = logging.getLogger(__name__)
 
 USER_AGENT = "caption-flow/0.1 (+https://pypi.org/project/caption-flow/)"
@@ -56,7 +58,7 @@ def fetch_url(url: str, policy: FetchPolicy) -> tuple[bytes | None, str | None]:
         except TimeoutError:
             last = f"timed out after {policy.timeout:g}s"
         except (http.client.HTTPException, ConnectionError, OSError) as exc:
-            last = f"{type(exc).__name__}: {exc}"
+            last = error_reason(exc)
         logger.debug("download of %s failed (%s), attempt %d", url, last, attempt + 1)
     return None, f"{last} ({policy.retries + 1} attempts)"
 

@@ -49,7 +49,8 @@ class DatasetIdentity:
         if config.type == "huggingface":
             if is_local_dataset(path):
                 return cls(config.type, _local(path), config.subset, config.split)
-            return cls(config.type, hub_repo_id(path), config.subset, config.split, config.revision)
+            revision = config.revision or "main"  # what the hub serves without one
+            return cls(config.type, hub_repo_id(path), config.subset, config.split, revision)
         location = path.rstrip("/") if "://" in path else _local(path)
         return cls(config.type, location)
 

@@ -38,8 +38,8 @@ from caption_flow.storage.parts import (
     remove_stray_tmp,
     write_part,
 )
-from caption_flow.storage.requeue import Reopened, split_failed
 from caption_flow.storage.reader import failed_rows
+from caption_flow.storage.requeue import Reopened, split_failed
 from caption_flow.storage.rows import decode_record, record_failures, records_to_table
 from caption_flow.storage.state import ChunkState, JournalBatch, JournalEntry, Quarantined, StateDB
 

@@ -32,6 +32,7 @@ from caption_flow.errors import AuthError, EngineUnavailableError, ProtocolError
 from caption_flow.images.pool import DecodePool
 from caption_flow.protocol.connection import CLOSE_BAD_TOKEN, ClientConnection
 from caption_flow.protocol.messages import (
+    MAX_HELD_CHUNKS,
     Ack,
     Assign,
     ChunkLease,
@@ -87,6 +88,7 @@ class Worker:
         self._ready = asyncio.Event()  # a job has been received
         self._want_work = asyncio.Event()
         self._want_work.set()
+        self._idle_logged: str | None = None  # why "waiting for work" was last said
         self._decode_pool = DecodePool(ImageConfig(), threads=config.decode_threads)
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="captionflow-engine")
 
@@ -155,7 +157,10 @@ class Worker:
             finally:
                 self._ws = None
             if self._done():
-                log.info("all work is done; stopping")
+                if self.stopped.is_set():
+                    log.info("stopped; chunks not finished are handed back")
+                else:
+                    log.info("all work is done; stopping")
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopped.wait(), delay * (0.8 + 0.4 * random.random()))
@@ -182,7 +187,10 @@ class Worker:
     # -- one connection ---------------------------------------------------------------------
     async def _session(self, ws: WSClient) -> None:
         protocol = ClientConnection()
-        held = self._held_chunks()
+        # The hello carries at most MAX_HELD_CHUNKS (the server refuses more); any others
+        # are given up below, like chunks the orchestrator did not hand back.
+        everything = self._held_chunks()
+        held = everything[:MAX_HELD_CHUNKS]
         await ws.send(
             encode(
                 Hello(
@@ -198,7 +206,7 @@ class Worker:
         assert isinstance(welcome, Welcome)
         self.session_id = welcome.session_id
         self._apply_job(welcome.config)
-        self._forget_unresumed(set(held) - set(welcome.resumed_chunks))
+        self._forget_unresumed(set(everything) - set(welcome.resumed_chunks))
         log.info("connected as %s (session %s)", welcome.contributor, welcome.session_id)
         for message in self.outbox.unacked():
             await ws.send(encode(message))
@@ -243,10 +251,17 @@ class Worker:
             if message.finished:
                 self.finished.set()
             if not message.chunks:
+                why = "the dataset is finished" if message.finished else "no chunk is free now"
+                leaving = message.finished and self.config.exit_when_done
+                busy = self.current is not None or not self.queue.empty() or len(self.outbox)
+                if not (why == self._idle_logged or leaving or busy):
+                    self._idle_logged = why  # once per idle spell and reason, not per poll
+                    log.info("waiting for work: %s", why)
                 asyncio.get_running_loop().call_later(
                     max(message.retry_after, 0.2), self._want_work.set
                 )
             else:
+                self._idle_logged = None
                 self._want_work.set()
         elif isinstance(message, ConfigUpdate):
             self._apply_job(message.config)
