@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -165,3 +166,137 @@ def stub_loader(engines: list[StubEngine], **kw: Any) -> Any:
         return engine
 
     return load
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for a subprocess that must be told its port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metric(port: int, name: str) -> float | None:
+    """One value of the orchestrator's /metrics (``captionflow_<name>``); None while it is
+    down or before it has listed the dataset."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    match = re.search(rf"^captionflow_{name} ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
+def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Blocking twin of :func:`eventually`, for tests that drive subprocesses."""
+    deadline = time.monotonic() + seconds * TIME_UNIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {seconds * TIME_UNIT:.0f}s: {what}"
+        time.sleep(0.1)
+
+
+# The original caption-flow README's example configs (issue 9), every documented key kept.
+WORKER_TOKEN = "quickstart-worker-token-4f1a"
+MONITOR_TOKEN = "quickstart-monitor-token-9c2e"
+
+
+def original_orchestrator_yaml(port: int, images: Path, model: Path) -> str:
+    """The original README's orchestrator.yaml, every key kept; values substituted: the
+    address, the paths, the tiny model's context length and dtype, short generations and
+    tokens of our own."""
+    return textwrap.dedent(f"""\
+        orchestrator:
+          host: 127.0.0.1
+          port: {port}
+          # ssl:
+          #   cert: /path/fullchain.pem
+          #   key:  /path/privkey.pem
+
+          dataset:
+            type: local
+            path: {images}
+            name: quickstart
+            version: "1.0"
+
+          vllm:
+            model: {model}
+            tensor_parallel_size: 1
+            max_model_len: 512
+            dtype: float32
+            gpu_memory_utilization: 0.92
+            enforce_eager: true
+            disable_mm_preprocessor_cache: true
+            limit_mm_per_prompt: {{ image: 1 }}
+
+            batch_size: 8
+
+            sampling:
+              temperature: 0.7
+              top_p: 0.95
+              max_tokens: 6
+              repetition_penalty: 1.05
+              skip_special_tokens: true
+              stop: ["<|end|>", "<|endoftext|>", "<|im_end|>"]
+
+            inference_prompts:
+              - "describe this image in detail"
+              - "provide a comprehensive description of the visual content"
+              - "what are the key elements in this image?"
+
+          storage:
+            data_dir: ./caption_data
+            checkpoint_dir: ./checkpoints
+            caption_buffer_size: 100
+            checkpoint_interval: 1000
+
+          # chunking/queueing
+          chunk_size: 1000
+          chunks_per_request: 2
+          chunk_buffer_multiplier: 3
+          min_chunk_buffer: 10
+
+          auth:
+            worker_tokens:
+              - {{ token: "{WORKER_TOKEN}", name: "example worker" }}
+            dataworker_tokens:
+              - {{ token: "dataworker-token-quickstart", name: "data feeder 1" }}
+            monitor_tokens:
+              - {{ token: "{MONITOR_TOKEN}", name: "default monitor" }}
+            admin_tokens:
+              - {{ token: "admin-secret-2024-quickstart", name: "admin" }}
+        """)
+
+
+def original_worker_yaml(port: int, vllm: bool = True) -> str:
+    return textwrap.dedent(f"""\
+        worker:
+          server: ws://127.0.0.1:{port}   # use wss:// in prod
+          token: {WORKER_TOKEN}
+          name: local-gpu
+          gpu_id: 0
+          vllm: {str(vllm).lower()}
+
+          # local queues
+          readahead_size: 256
+          inference_queue_size: 128
+        """)
+
+
+def original_monitor_yaml(port: int) -> str:
+    return textwrap.dedent(f"""\
+        monitor:
+          server: ws://127.0.0.1:{port}
+          token: {MONITOR_TOKEN}
+          refresh_rate: 1.0
+          show_contributors: true
+          show_quality_metrics: true
+          max_activity_items: 20
+          show_chunk_progress: true
+          show_worker_queues: true
+          show_throughput_graph: true
+        """)

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import ssl
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from support import orchestrator_config
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage
@@ -20,38 +15,13 @@ from caption_flow.config.models import AuthConfig, TLSConfig, TokenEntry
 from caption_flow.orchestrator.auth import hash_token
 from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.protocol.messages import Assign, Hello, Request, Welcome, decode, encode
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+from caption_flow.security.certs import generate_self_signed
 
 
 async def test_wss_with_hashed_tokens(tmp_path: Path, image_folder) -> None:
     images = image_folder(3)
-    cert, key = self_signed(tmp_path)
+    made = generate_self_signed(["localhost"], tmp_path / "certs", days=1)
+    cert, key = made.cert, made.key
     config = orchestrator_config(tmp_path / "data", images[0].parent, tmp_path / "no-model")
     config = config.model_copy(
         update={

@@ -6,22 +6,38 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from caption_flow.config.discovery import apply_overrides, find_config, is_example, load_file
+import yaml
+
+from caption_flow.config.discovery import (
+    apply_overrides,
+    find_config,
+    find_config_or_section,
+    is_example,
+    load_file,
+    validate,
+)
 from caption_flow.config.models import (
+    MonitorConfig,
+    MonitorFile,
     OrchestratorConfig,
     OrchestratorFile,
     WorkerConfig,
     WorkerFile,
 )
+from caption_flow.errors import ConfigError
 from caption_flow.sources.hf_resolve import TABLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 
-def found_config(component: str, config_path: str | None, examples: bool = True) -> Path | None:
-    """The file discovery picks for ``component``, logged: a user should never have to
-    guess which file (if any) configured a run. The examples fallback is a warning."""
-    path = find_config(component, config_path, examples)
+def found_config(
+    component: str, config_path: str | None, examples: bool = True, path: Path | None = None
+) -> Path | None:
+    """The file discovery picks for ``component`` (or ``path``, found otherwise), logged: a
+    user should never have to guess which file (if any) configured a run. The examples
+    fallback is a warning."""
+    if path is None:
+        path = find_config(component, config_path, examples)
     if path is None:
         log.info("%s config: no file found; using built-in defaults", component)
     elif config_path is None and is_example(path):
@@ -53,6 +69,44 @@ def worker_config(
     loaded = load_file(WorkerFile, path)
     prefixed = {f"worker.{k}": v for k, v in overrides.items()}
     return apply_overrides(loaded, prefixed).worker
+
+
+def tls_overrides(cert: str | None, key: str | None, no_ssl: bool) -> dict[str, Any]:
+    """The orchestrator's ``--cert``/``--key``/``--no-ssl`` as config overrides."""
+    if no_ssl:
+        if cert is not None or key is not None:
+            raise ConfigError("--no-ssl contradicts --cert and --key: keep one or the other")
+        log.info("--no-ssl: serving plain ws:// (an ssl section in the config is ignored)")
+        return {"ssl": {}}
+    return {"ssl.cert": cert, "ssl.key": key}
+
+
+def monitor_config(config_path: str | None, overrides: dict[str, Any]) -> MonitorConfig:
+    """monitor.yaml, else the ``monitor:`` section of orchestrator.yaml, at each place of
+    the discovery order; a file given with --config may be either kind."""
+    path = find_config_or_section("monitor", "orchestrator", config_path)
+    found_config("monitor", config_path, path=path)
+    if path is not None and path.name != "monitor.yaml" and config_path is None:
+        log.info("monitor config: the monitor section of %s", path)
+    loaded = _monitor_file(path)
+    prefixed = {f"monitor.{k}": v for k, v in overrides.items()}
+    return apply_overrides(loaded, prefixed).monitor
+
+
+def _monitor_file(path: Path | None) -> MonitorFile:
+    """A monitor.yaml, or only the monitor section of a file with an orchestrator section
+    (the rest is the orchestrator's business, checked when it starts)."""
+    if path is None:
+        return MonitorFile()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict) and "orchestrator" in data:
+        if "monitor" not in data:
+            raise ConfigError(f"{path} has no monitor section: add one, or pass a monitor.yaml")
+        return validate(MonitorFile, {"monitor": data["monitor"]}, str(path))
+    return load_file(MonitorFile, path)
 
 
 def dataset_type_for(path: str) -> str:

@@ -12,15 +12,23 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 
-from caption_flow.cli.configs import dataset_type_for, orchestrator_config, worker_config
+from caption_flow.cli.certs import generate_cert, inspect_cert
+from caption_flow.cli.configs import (
+    dataset_type_for,
+    orchestrator_config,
+    tls_overrides,
+    worker_config,
+)
+from caption_flow.cli.logs import console, verbose_option
+from caption_flow.cli.monitor import monitor
 from caption_flow.cli.preflight import check_port_free, port_error
+from caption_flow.cli.scan import scan_chunks_command
 from caption_flow.errors import CaptionFlowError
 from caption_flow.sources.check import check_dataset
 
-console = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 FROM_CONFIG = "config file"
 CONFIG_HELP = "YAML file (default: the first found, see the README; the one used is logged)"
@@ -28,77 +36,6 @@ RUN_CONFIG_HELP = (
     "YAML file with an orchestrator section (default: the first found, ./examples "
     "excluded; the one used is logged)"
 )
-
-
-#: Libraries whose INFO and DEBUG lines are about their own internals, never shown.
-_QUIET_LOGGERS = (
-    "websockets",
-    "transformers",
-    "httpx",
-    "httpcore",
-    "filelock",
-    "PIL",
-    "urllib3",
-    "fsspec",
-    "huggingface_hub",
-    "datasets",
-    "asyncio",
-    "torch",
-)
-
-
-def _log_handler() -> logging.Handler:
-    """Rich on a terminal; one plain line per record when redirected (no wrapping)."""
-    if console.is_terminal:
-        return RichHandler(console=console, show_path=False, rich_tracebacks=True)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    )
-    return handler
-
-
-def _setup_logging(verbose: int, service: bool) -> None:
-    """Called once per command, with ``-v`` counted before and after the subcommand."""
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(_log_handler())
-    root.setLevel(level)
-    # Services log their status lines by default; run and demo show a progress bar instead.
-    logging.getLogger("caption_flow").setLevel(
-        min(level, logging.INFO) if verbose or service else logging.WARNING
-    )
-    # The CLI's own few lines (which config file was loaded) are always worth a line.
-    logging.getLogger("caption_flow.cli").setLevel(min(level, logging.INFO))
-    for noisy in _QUIET_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    vllm_level = "INFO" if verbose else "WARNING"
-    logging.getLogger("vllm").setLevel(vllm_level)
-    # vLLM configures its own logger (in its engine processes too) from the environment, at
-    # INFO and on stdout by default: keep it quiet unless -v, and off stdout, where the
-    # summary table goes. A user's own setting wins.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", vllm_level)
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-
-
-def _verbosity(ctx: click.Context, _param: click.Parameter, value: int) -> None:
-    """``-v`` after the subcommand adds to ``-v`` before it; logging is set up here."""
-    before = ctx.find_root().params.get("verbose", 0) or 0
-    _setup_logging(before + value, service=ctx.info_name in ("orchestrator", "worker"))
-
-
-def verbose_option(command: Any) -> Any:
-    return click.option(
-        "-v",
-        "--verbose",
-        count=True,
-        expose_value=False,
-        callback=_verbosity,
-        show_default=False,
-        help="-v: progress logs, -vv: debug (also accepted before the subcommand)",
-    )(command)
 
 
 def _run(coro: Any) -> Any:
@@ -110,7 +47,21 @@ def _run(coro: Any) -> Any:
         return asyncio.run(coro)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    """The original tool's command names (``scan_chunks``, ``generate_cert``) work as hidden
+    aliases of ours (``scan-chunks``): one rule for every command, present and future."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None and "_" in cmd_name:
+            found = super().get_command(ctx, cmd_name.replace("_", "-"))
+        return found
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.option("-v", "--verbose", count=True, help="-v: progress logs, -vv: debug")
 @click.version_option(package_name="caption-flow")
 def cli(verbose: int) -> None:
@@ -141,6 +92,16 @@ def cli(verbose: int) -> None:
     "captions/) aside into DATA_DIR/replaced/<time>/ and start a new one; nothing is deleted "
     "(without it, such a directory is refused)",
 )
+@click.option("--cert", type=click.Path(dir_okay=False), help="TLS certificate (fullchain.pem)")
+@click.option("--key", type=click.Path(dir_okay=False), help="TLS private key (privkey.pem)")
+@click.option(
+    "--no-ssl", is_flag=True, help="serve plain ws:// even if the config names a certificate"
+)
+@click.option(
+    "--vllm",
+    is_flag=True,
+    help="accepted for the original tool's command lines: each worker chooses its engine",
+)
 @verbose_option
 def orchestrator(
     config_path: str | None,
@@ -148,6 +109,10 @@ def orchestrator(
     port: int | None,
     data_dir: str | None,
     force_new_dataset: bool | None,
+    cert: str | None,
+    key: str | None,
+    no_ssl: bool,
+    vllm: bool,
 ) -> None:
     """Serve a dataset to workers and store their captions."""
     from caption_flow.orchestrator.server import Orchestrator
@@ -159,8 +124,14 @@ def orchestrator(
             "port": port,
             "storage.data_dir": data_dir,
             "storage.force_new_dataset": force_new_dataset,
+            **tls_overrides(cert, key, no_ssl),
         },
     )
+    if vllm:
+        log.info(
+            "--vllm: every worker chooses its engine (worker --vllm or engine: vllm); "
+            "the orchestrator serves both"
+        )
     check_dataset(config.dataset)
     check_port_free(config.host, config.port)
 
@@ -220,10 +191,33 @@ def orchestrator(
     type=click.Path(dir_okay=False),
     help="append one JSON line per acknowledged item to this file",
 )
+@click.option("--vllm", is_flag=True, help="use the vLLM engine (same as --engine vllm)")
+@click.option(
+    "--no-verify-ssl",
+    is_flag=True,
+    help="accept a certificate that cannot be verified (self-signed, in development)",
+)
+@click.option(
+    "--gpus",
+    help="start one worker process per GPU: all, or a list such as 0,1,3 (each gets "
+    "--gpu-id N and the name NAME-gpuN; they stop together)",
+)
 @verbose_option
-def worker(config_path: str | None, **flags: Any) -> None:
+def worker(
+    config_path: str | None, vllm: bool, no_verify_ssl: bool, gpus: str | None, **flags: Any
+) -> None:
     """Caption chunks leased by an orchestrator."""
+    if vllm:
+        if flags["engine"] not in (None, "vllm"):
+            raise click.UsageError(f"--vllm contradicts --engine {flags['engine']}")
+        flags["engine"] = "vllm"
+    if no_verify_ssl:
+        flags["verify_ssl"] = False
     config = worker_config(config_path, flags)
+    if gpus is not None:
+        from caption_flow.cli.gpus import run_per_gpu
+
+        sys.exit(run_per_gpu(gpus, config.name, click.get_current_context()))
     if config.gpu_id is not None:
         # Before anything imports torch or vLLM, so CUDA only ever sees this GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(config.gpu_id)
@@ -399,6 +393,12 @@ def requeue(config_path: str | None, data_dir: str | None, failed: bool) -> None
         )
 
     _run(reopen())
+
+
+cli.add_command(monitor)
+cli.add_command(generate_cert)
+cli.add_command(inspect_cert)
+cli.add_command(scan_chunks_command, "scan-chunks")
 
 
 def main() -> None:

@@ -59,6 +59,34 @@ def find_config(
     return next((p for p in paths if p.is_file()), None)
 
 
+def find_config_or_section(
+    component: str, host: str, explicit: str | os.PathLike[str] | None = None
+) -> Path | None:
+    """Like :func:`find_config`, but at each place ``host``.yaml holding a top-level
+    ``component:`` section counts too, after ``component``.yaml (the monitor's settings
+    may live in orchestrator.yaml)."""
+    if explicit is not None:
+        return find_config(component, explicit)
+    own = candidate_paths(component)
+    hosts = candidate_paths(host)
+    for mine, theirs in zip(own, hosts, strict=True):
+        if mine.is_file():
+            return mine
+        if theirs.is_file() and component in _top_level_keys(theirs):
+            return theirs
+    return None
+
+
+def _top_level_keys(path: Path) -> set[str]:
+    """The top-level keys of a YAML file; none when it cannot be read (loading it for real
+    reports why)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
 def _format_validation(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for err in exc.errors():

@@ -1,7 +1,8 @@
 """Validated configuration objects (pydantic). Unknown keys are errors, so typos surface.
 
 The orchestrator's ``vllm`` section is the job that workers receive; its name follows the
-original tool even though the transformers engine reads it too.
+original tool even though the transformers engine reads it too. The original tool's other
+keys are translated before validation (:mod:`caption_flow.config.legacy`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from caption_flow.config import legacy
 
 
 class _Strict(BaseModel):
@@ -85,6 +88,11 @@ class DatasetConfig(_Strict):
     type: Literal["local_folder", "webdataset", "huggingface"] = "local_folder"
     path: str = "./images"
     name: str | None = None
+    version: str | None = Field(
+        None,
+        description="a label for this version of the dataset, written with every caption: "
+        "the output's dataset column reads NAME@VERSION",
+    )
     split: str = "train"
     subset: str | None = None
     revision: str | None = None
@@ -117,6 +125,15 @@ class DatasetConfig(_Strict):
         64 * 1024 * 1024, ge=1024, description="larger downloads fail the item"
     )
 
+    _legacy = model_validator(mode="before")(legacy.dataset_keys)
+
+    @property
+    def label(self) -> str:
+        """What the output's ``dataset`` column holds: the name (else the path), with
+        ``@version`` when a version is set."""
+        base = self.name or self.path
+        return f"{base}@{self.version}" if self.version else base
+
 
 class StorageConfig(_Strict):
     data_dir: Path = Path("./caption_data")
@@ -131,6 +148,8 @@ class StorageConfig(_Strict):
         "captions/) aside into data_dir/replaced/<time>/ and start a new one; never mixes, "
         "never deletes",
     )
+
+    _legacy = model_validator(mode="before")(legacy.storage_keys)
 
 
 class TokenEntry(_Strict):
@@ -218,6 +237,8 @@ class OrchestratorConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     ssl: TLSConfig = TLSConfig()
 
+    _legacy = model_validator(mode="before")(legacy.orchestrator_keys)
+
 
 class WorkerConfig(_Strict):
     server: str = "ws://localhost:8765"
@@ -231,7 +252,19 @@ class WorkerConfig(_Strict):
     dataset_path: str | None = Field(
         None, description="where this worker sees the dataset, if not at the orchestrator's path"
     )
-    prefetch_chunks: int = Field(1, ge=0)
+    prefetch_chunks: int = Field(1, ge=0, description="chunks to hold beyond the current one")
+    prefetch_items: int | None = Field(
+        None,
+        ge=0,
+        description="instead of prefetch_chunks: ask for another chunk while the chunks held "
+        "beyond the current one have fewer items than this (the original readahead_size)",
+    )
+    ready_items: int | None = Field(
+        None,
+        ge=1,
+        description="decoded images kept waiting for the engine, in whole batches of at "
+        "least one (the original inference_queue_size); None: two batches",
+    )
     decode_threads: int = Field(0, ge=0, description="0: one per core")
     heartbeat_seconds: float = Field(10.0, gt=0)
     reconnect_max_seconds: float = Field(30.0, gt=0)
@@ -260,9 +293,35 @@ class WorkerConfig(_Strict):
     )
     engine_backoff_max_seconds: float = Field(300.0, gt=0, description="the longest such wait")
 
+    _legacy = model_validator(mode="before")(legacy.worker_keys)
+
+
+class MonitorConfig(_Strict):
+    """``caption-flow monitor``: where to connect and what to show."""
+
+    server: str = "ws://localhost:8765"
+    token: str = Field("", max_length=512)
+    verify_ssl: bool = True
+    refresh_rate: float = Field(1.0, gt=0, description="seconds between redraws")
+    show_contributors: bool = Field(True, description="a row per connected client")
+    show_quality_metrics: bool = Field(True, description="captioned and failed counts")
+    max_activity_items: int = Field(20, ge=0, description="most client rows shown")
+    show_chunk_progress: bool = Field(True, description="chunks per state")
+    show_worker_queues: bool = Field(True, description="each worker's queued chunks, unacked")
+    show_throughput_graph: bool = Field(
+        True, description="items per second (a number for now: the graph comes with the TUI)"
+    )
+
 
 class OrchestratorFile(_Strict):
     orchestrator: OrchestratorConfig = OrchestratorConfig()
+    monitor: MonitorConfig | None = Field(
+        None, description="the monitor's settings, when they live in orchestrator.yaml"
+    )
+
+
+class MonitorFile(_Strict):
+    monitor: MonitorConfig = MonitorConfig()
 
 
 class WorkerFile(_Strict):

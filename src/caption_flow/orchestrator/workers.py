@@ -210,7 +210,7 @@ class WorkerDesk:
             fresh,
             final_failure=lambda item_id: self.book.final_failure(results.chunk_id, item_id),
             keys=self._lease_keys.get(results.chunk_id, {}),
-            dataset=self.config.dataset.name or self.config.dataset.path,
+            dataset=self.config.dataset.label,
             shard=chunk.shard,
             contributor=session.identity.contributor,
             worker=session.name,

@@ -91,6 +91,8 @@ BASE_FIELDS: list[pa.Field] = [
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("error", pa.string()),
+    # Null until a quality check scores the row (the original tool's column, kept for it).
+    pa.field("quality_score", pa.float32()),
 ]
 
 
@@ -128,6 +130,7 @@ def records_to_table(
                 outs[f].append([t if t.strip() else "" for t in item.outputs.get(f, ())])
             failed = is_failure(item.error, item.outputs)
             cols["error"].append(item.error or (NO_TEXT if failed else None))
+            cols["quality_score"].append(None)
     schema = pa.schema([*BASE_FIELDS, *(pa.field(f, pa.list_(pa.string())) for f in fields)])
     arrays = [pa.array(cols[f.name], f.type) for f in BASE_FIELDS]
     arrays += [pa.array(outs[f], pa.list_(pa.string())) for f in fields]

@@ -424,6 +424,113 @@ class StateDB:
     def intended_parts(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT name FROM parts WHERE state='intended'")]
 
+    # -- read-only views for the output tables (storage/tables.py) -----------------------
+    def contributor_batches(self, size: int) -> Iterator[list[tuple[str, int, int]]]:
+        """(contributor, items stored, items failed) in batches of up to ``size`` rows, by
+        name: one statement, so one consistent snapshot in WAL mode."""
+        cursor = self.conn.execute(
+            "SELECT contributor, items, failed FROM contributors ORDER BY contributor"
+        )
+        while rows := cursor.fetchmany(size):
+            yield rows
+
+    def chunk_batches(self, size: int) -> Iterator[list[tuple[str, str, str, str | None]]]:
+        """(chunk_id, shard, status, holder) in batches of up to ``size`` rows, in the order
+        they were listed (rowid: no sort, so millions of chunks are read without holding them
+        all, in SQLite or here)."""
+        cursor = self.conn.execute(
+            "SELECT chunk_id, shard, status, holder FROM chunks ORDER BY rowid"
+        )
+        while rows := cursor.fetchmany(size):
+            yield rows
+
+    # -- scan-chunks: checks and repairs (storage/scan.py) ---------------------------------
+    def integrity_problems(self) -> list[str]:
+        """What ``PRAGMA integrity_check`` finds wrong (empty when the file is sound)."""
+        rows = [str(r[0]) for r in self.conn.execute("PRAGMA integrity_check")]
+        return [] if rows == ["ok"] else rows
+
+    def all_items(self) -> Iterator[tuple[int, str, str, bool]]:
+        """(item_id, shard, key, done) of every item, in id order."""
+        for item_id, shard, key, done in self.conn.execute(
+            "SELECT item_id, shard, key, done FROM items ORDER BY item_id"
+        ):
+            yield int(item_id), shard, key, bool(done)
+
+    def chunk_progress(self) -> list[tuple[str, str, str | None, int, int]]:
+        """(chunk_id, status, holder, items, items done) of every chunk, in item order."""
+        return self.conn.execute(
+            "SELECT c.chunk_id, c.status, c.holder, COUNT(i.item_id), "
+            "COALESCE(SUM(i.done), 0) FROM chunks c LEFT JOIN items i ON i.chunk_id = c.chunk_id "
+            "GROUP BY c.chunk_id ORDER BY c.first_item"
+        ).fetchall()
+
+    def adopt_part(self, name: str, rows: int) -> None:
+        """Record a part file the database did not know, as output. Its number (from its
+        name) is reserved, so no later part is written under the same name."""
+        number = name.removeprefix("part-").removesuffix(".parquet")
+        with self._transaction():
+            self.conn.execute(
+                "INSERT INTO parts(name, rows, created, state, seq) VALUES(?,?,?,'recorded',?)",
+                (name, rows, time.time(), int(number) if number.isdigit() else None),
+            )
+
+    def reopen_items(self, item_ids: Iterable[int], forget_parts: Iterable[str] = ()) -> list[str]:
+        """Items marked done whose rows are gone become missing again, their done chunks
+        pending, and the recorded parts ``forget_parts`` (gone from disk) are forgotten: one
+        transaction. Returns the chunks reopened."""
+        runs = id_runs(item_ids)
+        with self._transaction():
+            self.conn.executemany(
+                "DELETE FROM parts WHERE name=? AND state='recorded'", ((n,) for n in forget_parts)
+            )
+            chunks: set[str] = set()
+            for first, last in runs:
+                chunks.update(
+                    r[0]
+                    for r in self.conn.execute(
+                        "UPDATE chunks SET status='pending', holder=NULL, deadline=NULL "
+                        "WHERE status='done' AND chunk_id IN (SELECT DISTINCT chunk_id FROM "
+                        "items WHERE item_id BETWEEN ? AND ?) RETURNING chunk_id",
+                        (first, last),
+                    )
+                )
+            self.conn.executemany("UPDATE items SET done=0 WHERE item_id BETWEEN ? AND ?", runs)
+        return sorted(chunks)
+
+    def mark_items_done(self, item_ids: Iterable[int]) -> int:
+        """Items whose row is in the output but that are not marked done: done (their
+        chunks' status is the caller's next step, :meth:`finish_chunks`). Returns the items
+        changed."""
+        changed = 0
+        with self._transaction():
+            for first, last in id_runs(item_ids):
+                changed += self.conn.execute(
+                    "UPDATE items SET done=1 WHERE done=0 AND item_id BETWEEN ? AND ?",
+                    (first, last),
+                ).rowcount
+        return changed
+
+    def reset_leases(self) -> list[str]:
+        """Leased chunks become pending (call only while no orchestrator holds the data
+        directory: then no lease is alive). Returns their ids."""
+        with self._transaction():
+            rows = self.conn.execute(
+                "UPDATE chunks SET status='pending', holder=NULL, deadline=NULL "
+                "WHERE status='leased' RETURNING chunk_id"
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def reopen_unfinished_chunks(self) -> list[str]:
+        """Chunks marked done that still have items not done become pending. Returns them."""
+        with self._transaction():
+            rows = self.conn.execute(
+                "UPDATE chunks SET status='pending', holder=NULL, deadline=NULL "
+                "WHERE status='done' AND EXISTS (SELECT 1 FROM items "
+                "WHERE items.chunk_id = chunks.chunk_id AND items.done = 0) RETURNING chunk_id"
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
     # -- helpers --------------------------------------------------------------------------
     def _transaction(self) -> _Transaction:
         return _Transaction(self.conn)

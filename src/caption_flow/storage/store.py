@@ -42,6 +42,7 @@ from caption_flow.storage.reader import failed_rows
 from caption_flow.storage.requeue import Reopened, split_failed
 from caption_flow.storage.rows import decode_record, record_failures, records_to_table
 from caption_flow.storage.state import ChunkState, JournalBatch, JournalEntry, Quarantined, StateDB
+from caption_flow.storage.tables import DATASET_NAME_KEY, write_tables
 
 if TYPE_CHECKING:
     from caption_flow.config.models import DatasetConfig
@@ -59,6 +60,10 @@ COMPACT_POLL_S = 0.5
 COMPACT_BACKOFF_MAX_S = 30.0
 # A quarantine reason is an exception message, which may quote worker data: keep it short.
 REASON_CHARS = 500
+# The side tables (storage/tables.py) are rewritten after a compaction only once the time
+# since their last rewrite is this many times what that rewrite took: a huge jobs table costs
+# the Parquet thread at most about a tenth of its time. They are always rewritten at close.
+TABLES_COST_RATIO = 10.0
 
 QuarantineHook = Callable[[str, list[int], str], None]
 
@@ -99,6 +104,8 @@ class CaptionStore:
             self.db = StateDB(data_dir / "state.db")
             if self.identity is not None:
                 identity.record(self.db, self.identity)
+            if dataset is not None:  # the name rows carry, for the jobs table
+                self.db.set_meta(DATASET_NAME_KEY, dataset.name or dataset.path)
             self.reader = StateDB(data_dir / "state.db", read_only=True)
         except BaseException:
             self.lock.release()
@@ -115,6 +122,8 @@ class CaptionStore:
         self._oldest_unflushed: float | None = None
         self.committed_rows = 0
         self.compact_failures = 0
+        self._tables_at = 0.0  # monotonic time of the last rewrite of the side tables
+        self._tables_cost_s = 0.0  # and how long it took
 
     def _refuse_parts_without_database(self) -> None:
         """Parts without the database that records them: a lost or misplaced state.db. Going
@@ -259,7 +268,7 @@ class CaptionStore:
                 continue
             try:
                 # Shielded so that stopping never leaves a written but unrecorded part.
-                await asyncio.shield(self.compact(until_empty=False))
+                moved = await asyncio.shield(self.compact(until_empty=False))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -272,6 +281,8 @@ class CaptionStore:
                 )
             else:
                 self.compact_failures = 0
+                if moved:
+                    await self.write_tables(due_only=True)
 
     async def compact(self, until_empty: bool = True) -> int:
         """Move journal records to Parquet parts, quarantining records that cannot be
@@ -372,6 +383,27 @@ class CaptionStore:
                 except Exception:
                     log.exception("re-queueing the items of quarantined record %d failed", q.seq)
 
+    async def write_tables(self, due_only: bool = False) -> None:
+        """Rewrite ``contributors.parquet`` and ``jobs.parquet`` on the Parquet thread. With
+        ``due_only``, only if due (see TABLES_COST_RATIO). A failure is logged, not raised:
+        the tables are a view of state.db, which stays the truth."""
+        now = time.monotonic()
+        if due_only and now - self._tables_at < TABLES_COST_RATIO * self._tables_cost_s:
+            return
+        try:
+            contributors, jobs = await self._run_io(write_tables, self.data_dir)
+        except Exception:
+            log.exception("could not rewrite the contributors and jobs tables in %s", self.data_dir)
+            return
+        self._tables_at = time.monotonic()
+        self._tables_cost_s = self._tables_at - now
+        log.debug(
+            "tables rewritten: %d contributors, %d jobs in %.3fs",
+            contributors,
+            jobs,
+            self._tables_cost_s,
+        )
+
     async def requeue_failed(self) -> Reopened:
         """Take every stored error row out of the output and reopen its item, and put failed
         chunks back in play (see :mod:`caption_flow.storage.requeue`)."""
@@ -416,6 +448,7 @@ class CaptionStore:
         else:
             async with self._compact_lock:
                 pass
+        await self.write_tables()
         await self.run_db(self.db.close)
         self.reader.close()
         self._db_thread.shutdown(wait=True)

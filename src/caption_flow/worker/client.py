@@ -150,6 +150,14 @@ class Worker:
                         f"orchestrator refused this worker ({code}): {reason}"
                     ) from None
                 log.warning("connection lost (%s); reconnecting", exc)
+            except ssl.SSLCertVerificationError as exc:
+                # Not transient: retrying would wait forever on a certificate nobody trusts.
+                raise ProtocolError(
+                    f"the orchestrator's certificate at {self.config.server} is not trusted "
+                    f"({exc.verify_message}): use one a CA signed (generate-cert --domain NAME "
+                    "--email ADDR), or accept a self-signed one with worker.verify_ssl: false "
+                    "(--no-verify-ssl)"
+                ) from None
             except (OSError, TimeoutError, InvalidHandshake, ProtocolError) as exc:
                 log.warning("cannot reach orchestrator at %s: %s", self.config.server, exc)
             except InvalidURI as exc:
@@ -355,10 +363,24 @@ class Worker:
             self._want_work.clear()
             if self.backoff.active():
                 continue  # the back-off sets the event again when it ends
-            have = self.queue.qsize() + (1 if self.current is not None else 0)
-            want = 1 + self.config.prefetch_chunks - have
+            want = self._chunks_wanted()
             if want > 0 and not self.stopped.is_set():
                 await ws.send(encode(Request(count=want)))
+
+    def _chunks_wanted(self) -> int:
+        """How many chunks to ask for now: the one to caption plus those held ahead, counted
+        in chunks (``prefetch_chunks``) or in items (``prefetch_items``)."""
+        queued: list[ChunkLease] = list(self.queue._queue)  # type: ignore[attr-defined]
+        have = len(queued) + (1 if self.current is not None else 0)
+        ahead = self.config.prefetch_items
+        if ahead is None:
+            return 1 + self.config.prefetch_chunks - have
+        if have == 0:
+            return 2 if ahead > 0 else 1
+        # Without a current chunk, the first queued one is about to be it.
+        held_ahead = queued if self.current is not None else queued[1:]
+        # One at a time: the next request follows the assignment, until enough is held.
+        return 1 if sum(len(c.items) for c in held_ahead) < ahead else 0
 
     # -- processing -------------------------------------------------------------------------
     async def _process_loop(self) -> None:
@@ -414,6 +436,7 @@ class Worker:
             self._engine_thread,
             self.clock,
             self.limit,
+            ready_items=self.config.ready_items,
         )
         chunk_id = chunk.chunk_id
         await pipeline.run(

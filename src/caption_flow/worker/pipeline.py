@@ -116,7 +116,11 @@ class ChunkPipeline:
         engine_thread: Executor,
         clock: EngineClock,
         limit: BatchLimit | None = None,
+        ready_items: int | None = None,
     ) -> None:
+        """``ready_items``: decoded images that may wait for the engine, rounded up to
+        whole batches (None: two batches)."""
+        self.ready_items = ready_items
         self.source = source
         self.captioner = captioner
         self.decode_pool = decode_pool
@@ -138,10 +142,12 @@ class ChunkPipeline:
         EngineUnavailableError when the engine cannot caption even one item; results
         emitted before either stay valid.
         """
-        batches: asyncio.Queue[list[Decoded] | None] = asyncio.Queue(maxsize=2)
 
         def size() -> int:
             return self.limit.cap(batch_size())
+
+        ready = 2 if self.ready_items is None else max(1, -(-self.ready_items // size()))
+        batches: asyncio.Queue[list[Decoded] | None] = asyncio.Queue(maxsize=ready)
 
         producer = asyncio.create_task(self._produce(chunk, job, size, batches, abandoned))
         try:

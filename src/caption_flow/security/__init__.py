@@ -1,0 +1,1 @@
+"""TLS material for the orchestrator: certificates made here or obtained through certbot."""
