@@ -306,5 +306,9 @@ def test_a_kill_at_a_dangerous_point_loses_and_duplicates_nothing(
         cluster.stop_all()
 
     acked = check_output(cluster, images)
-    # No worker was killed, so every item was acknowledged to one, the lost acks included.
-    assert acked == {p.name for p in images}
+    # Most items were acknowledged to a worker. Not necessarily all: results made durable
+    # just before the kill can complete their chunk, and a chunk that is done is not handed
+    # back to its worker at the reconnect, so that worker drops those results unacknowledged
+    # (they are in the output all the same: check_output proved one row per item).
+    assert acked <= {p.name for p in images}
+    assert len(acked) >= len(images) // 2, acked
