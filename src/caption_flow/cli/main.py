@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from caption_flow.cli.admin import admin, contributors, status
 from caption_flow.cli.certs import generate_cert, inspect_cert
 from caption_flow.cli.configs import (
     dataset_type_for,
@@ -21,6 +22,7 @@ from caption_flow.cli.configs import (
     tls_overrides,
     worker_config,
 )
+from caption_flow.cli.export import export_command, stats_command
 from caption_flow.cli.logs import console, verbose_option
 from caption_flow.cli.monitor import monitor
 from caption_flow.cli.preflight import check_port_free, port_error
@@ -399,6 +401,11 @@ cli.add_command(monitor)
 cli.add_command(generate_cert)
 cli.add_command(inspect_cert)
 cli.add_command(scan_chunks_command, "scan-chunks")
+cli.add_command(export_command, "export")
+cli.add_command(stats_command, "stats")
+cli.add_command(admin)
+cli.add_command(status)
+cli.add_command(contributors)
 
 
 def main() -> None:

@@ -197,6 +197,17 @@ class LimitsConfig(_Strict):
     )
 
 
+class DashboardConfig(_Strict):
+    """The web page and ``/api/snapshot`` on the orchestrator's port."""
+
+    enabled: bool = Field(True, description="serve the dashboard at / and /api/snapshot")
+    public: bool = Field(
+        False,
+        description="no token needed: a community's progress page, which then shows no "
+        "tokens, no addresses and of each worker only its name and rate",
+    )
+
+
 class OrchestratorConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(8765, ge=0, le=65535)
@@ -236,6 +247,7 @@ class OrchestratorConfig(_Strict):
     status_interval: float = Field(30.0, gt=0)
     auth: AuthConfig = AuthConfig()
     ssl: TLSConfig = TLSConfig()
+    dashboard: DashboardConfig = DashboardConfig()
 
     _legacy = model_validator(mode="before")(legacy.orchestrator_keys)
 
@@ -303,14 +315,31 @@ class MonitorConfig(_Strict):
     token: str = Field("", max_length=512)
     verify_ssl: bool = True
     refresh_rate: float = Field(1.0, gt=0, description="seconds between redraws")
-    show_contributors: bool = Field(True, description="a row per connected client")
-    show_quality_metrics: bool = Field(True, description="captioned and failed counts")
-    max_activity_items: int = Field(20, ge=0, description="most client rows shown")
+    show_contributors: bool = Field(True, description="the contributors table (leaderboard)")
+    show_quality_metrics: bool = Field(
+        True, description="captioned and failed counts, failed and trust columns"
+    )
+    max_activity_items: int = Field(
+        20, ge=0, description="recent activity rows shown (0 hides the panel)"
+    )
     show_chunk_progress: bool = Field(True, description="chunks per state")
     show_worker_queues: bool = Field(True, description="each worker's queued chunks, unacked")
     show_throughput_graph: bool = Field(
-        True, description="items per second (a number for now: the graph comes with the TUI)"
+        True, description="the throughput graph (the orchestrator keeps its last two hours)"
     )
+    public: bool = Field(
+        False,
+        description="in orchestrator.yaml: serve the web dashboard without a token (same as "
+        "orchestrator.dashboard.public)",
+    )
+
+
+class AdminConfig(_Strict):
+    """``caption-flow admin``, ``status``, ``contributors``: an admin token kept in a file
+    rather than in shell history; the server defaults to the monitor section's."""
+
+    server: str | None = None
+    token: str = Field("", max_length=512)
 
 
 class OrchestratorFile(_Strict):
@@ -318,10 +347,19 @@ class OrchestratorFile(_Strict):
     monitor: MonitorConfig | None = Field(
         None, description="the monitor's settings, when they live in orchestrator.yaml"
     )
+    admin: AdminConfig | None = Field(None, description="the admin commands' token")
+
+    @model_validator(mode="after")
+    def _public_dashboard(self) -> OrchestratorFile:
+        """``monitor.public: true`` (the issue's spelling) opens the orchestrator's page."""
+        if self.monitor is not None and self.monitor.public:
+            self.orchestrator.dashboard.public = True
+        return self
 
 
 class MonitorFile(_Strict):
     monitor: MonitorConfig = MonitorConfig()
+    admin: AdminConfig | None = Field(None, description="the admin commands' token")
 
 
 class WorkerFile(_Strict):

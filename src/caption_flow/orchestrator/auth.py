@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+from dataclasses import dataclass
 
 from caption_flow.config.models import AuthConfig, OrchestratorConfig, TokenEntry
 from caption_flow.errors import ConfigError
@@ -69,19 +70,90 @@ def _matches(entry: TokenEntry, presented: str) -> bool:
     return hmac.compare_digest(entry.token.encode(), presented.encode())
 
 
+ROLES = ("worker", "monitor", "admin", "dataworker")
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One token as ``tokens list`` shows it: never the token or its hash."""
+
+    role: str
+    name: str
+    source: str  # "config" or "db"
+    revoked: bool
+
+
+def _config_entries(auth: AuthConfig) -> dict[str, list[TokenEntry]]:
+    return {
+        "worker": auth.worker_tokens,
+        "monitor": auth.monitor_tokens,
+        "admin": auth.admin_tokens,
+        "dataworker": auth.dataworker_tokens,
+    }
+
+
 class Authenticator:
+    """Tokens of the config and of the state database, less the revoked ones.
+
+    Called on the event loop for every hello, so everything it needs is in memory: the
+    database's rows are loaded once (:meth:`load`) and mirrored by :meth:`add` and
+    :meth:`revoke` after the database has them.
+    """
+
     def __init__(self, auth: AuthConfig) -> None:
-        self._by_role: dict[str, list[TokenEntry]] = {
-            "worker": auth.worker_tokens,
-            "monitor": auth.monitor_tokens,
-            "admin": auth.admin_tokens,
-            "dataworker": auth.dataworker_tokens,
-        }
+        self._by_role: dict[str, list[TokenEntry]] = _config_entries(auth)
+        self._stored: dict[str, list[TokenEntry]] = {role: [] for role in ROLES}
+        self._revoked: set[tuple[str, str]] = set()
 
     def __call__(self, role: str, token: str) -> Identity | None:
         found: Identity | None = None
         # Check every entry so timing does not reveal which one matched.
-        for entry in self._by_role.get(role, []):
+        for entry in (*self._by_role.get(role, []), *self._stored.get(role, [])):
             if _matches(entry, token) and found is None:
                 found = Identity(role=role, contributor=entry.name)
+        if found is not None and (role, found.contributor) in self._revoked:
+            return None
         return found
+
+    def replace_config(self, auth: AuthConfig) -> None:
+        """A reloaded config's tokens; stored tokens and revocations stay."""
+        self._by_role = _config_entries(auth)
+
+    def load(self, rows: list[tuple[str, str, str, str, float | None]]) -> None:
+        """The state database's ``tokens`` rows: (role, name, hash, source, revoked)."""
+        for role, name, token_hash, _source, revoked in rows:
+            if revoked is not None:
+                self._revoked.add((role, name))
+            if token_hash and role in self._stored:
+                self._stored[role].append(TokenEntry(name=name, token=token_hash))
+
+    def add(self, role: str, name: str, token_hash: str) -> None:
+        self._stored[role] = [e for e in self._stored[role] if e.name != name]
+        self._stored[role].append(TokenEntry(name=name, token=token_hash))
+        self._revoked.discard((role, name))
+
+    def revoke(self, role: str, name: str) -> None:
+        self._revoked.add((role, name))
+
+    def knows(self, role: str, name: str) -> bool:
+        """Whether some token of ``role`` named ``name`` is still accepted."""
+        entries = (*self._by_role.get(role, []), *self._stored.get(role, []))
+        return (role, name) not in self._revoked and any(e.name == name for e in entries)
+
+    def roles_of(self, name: str) -> list[str]:
+        """The roles with a token named ``name`` (revoked or not)."""
+        return [
+            role
+            for role in ROLES
+            if any(e.name == name for e in (*self._by_role[role], *self._stored[role]))
+        ]
+
+    def listing(self) -> list[TokenInfo]:
+        shown: list[TokenInfo] = []
+        for role in ROLES:
+            for source, entries in (("config", self._by_role[role]), ("db", self._stored[role])):
+                shown += [
+                    TokenInfo(role, e.name, source, (role, e.name) in self._revoked)
+                    for e in entries
+                ]
+        return shown

@@ -125,4 +125,5 @@ def build_batch(
         failed,
         chunk_id=results.chunk_id,
         retry_ids=retry,
+        captions=sum(1 for i in items for texts in i.outputs.values() for t in texts if t.strip()),
     )

@@ -25,26 +25,29 @@ from websockets.exceptions import ConnectionClosed
 from caption_flow.config.discovery import deep_merge
 from caption_flow.config.models import DatasetConfig, ModelConfig, OrchestratorConfig
 from caption_flow.errors import ConfigError, ProtocolError
+from caption_flow.orchestrator.activity import ActivityLog, ThroughputHistory, eta_seconds
+from caption_flow.orchestrator.admin import AdminDesk
 from caption_flow.orchestrator.auth import Authenticator, check_exposure
 from caption_flow.orchestrator.dataset_index import build_book, sync_chunks
 from caption_flow.orchestrator.http import answer_http
+from caption_flow.orchestrator.leaderboard import Leaderboard
 from caption_flow.orchestrator.leases import ChunkBook
 from caption_flow.orchestrator.limits import ByteBudget, TokenBucket
+from caption_flow.orchestrator.metrics import Metrics
 from caption_flow.orchestrator.results import JobRules
-from caption_flow.orchestrator.sessions import Session
+from caption_flow.orchestrator.sessions import Session, shown_capabilities
 from caption_flow.orchestrator.supervise import supervise
+from caption_flow.orchestrator.web import is_live_feed, serve_live
 from caption_flow.orchestrator.workers import WorkerDesk
 from caption_flow.protocol.connection import ServerConnection
 from caption_flow.protocol.messages import (
     ConfigUpdate,
-    ErrorMsg,
     Heartbeat,
     Message,
     Release,
     Request,
     Requeue,
     Results,
-    SetConfig,
     Stats,
     Welcome,
 )
@@ -78,10 +81,15 @@ class Orchestrator:
         )
         self.store.output_fields = set(self._rules.fields)
         self.authenticate = Authenticator(config.auth)
+        self.metrics = Metrics(self)
+        self.admin = AdminDesk(self)
+        self.leaderboard = Leaderboard(self.store)
         self.book: ChunkBook | None = None
         self.desk: WorkerDesk | None = None
         self.sessions: dict[str, Session] = {}
         self.started_at = time.time()
+        self.activity = ActivityLog()  # what monitors show of the recent past
+        self.history = ThroughputHistory()
         self.budget = ByteBudget(config.limits.max_inflight_bytes)
         self._handshakes = 0
         self._frozen_at = 0  # sessions at the last gc.freeze()
@@ -96,6 +104,7 @@ class Orchestrator:
     async def start(self) -> None:
         """Open the store, list the dataset into chunks, then accept connections."""
         await self.store.start()
+        self.authenticate.load(await self.store.run_db(self.store.db.tokens))
         source = open_source(self.config.dataset, cache_dir=self.config.storage.data_dir)
         t0 = time.monotonic()
         added = await self.store.run_db(
@@ -106,6 +115,7 @@ class Orchestrator:
             self.dataset = pinned()
             await self.store.run_db(record_commit, self.store.db, self.dataset.revision)
         self.book = await self.store.run_db(build_book, self.store.db, self.config)
+        self.history.record(self.book.items_done, time.time())
         self.desk = WorkerDesk(
             self.config,
             self.book,
@@ -113,6 +123,7 @@ class Orchestrator:
             rules=lambda: self._rules,
             live_sessions=lambda: self.sessions,
             on_change=self._check_finished,
+            activity=self.activity,
         )
         self.store.on_quarantine = self.desk.requeue
         log.info(
@@ -151,6 +162,7 @@ class Orchestrator:
             supervise("lease-expiry", self._expiry_loop, self._fail),
             supervise("status-line", self._status_loop, self._fail),
             supervise("monitor-push", self._monitor_loop, self._fail),
+            supervise("leaderboard", self.leaderboard.loop, self._fail),
         ]
         self._check_finished()
         # Everything built so far (the chunk book above all) lives as long as the process:
@@ -197,6 +209,8 @@ class Orchestrator:
 
     # -- connections ------------------------------------------------------------------------
     async def _handle(self, websocket: WSConnection) -> None:
+        if is_live_feed(websocket):  # the web dashboard's JSON feed, not our protocol
+            return await serve_live(self, websocket)
         if self._handshakes >= self.config.limits.max_pending_handshakes:
             await websocket.close(CLOSE_TRY_AGAIN, "too many connections are saying hello")
             return
@@ -207,6 +221,7 @@ class Orchestrator:
             hello = connection.receive(frame)
         except ProtocolError as exc:
             log.warning("refused %s: %s", websocket.remote_address, exc)
+            self.note("refused", f"refused {websocket.remote_address}: {exc}")
             await websocket.close(exc.close_code, str(exc)[:120])
             return
         except (TimeoutError, ConnectionClosed):
@@ -229,6 +244,8 @@ class Orchestrator:
             websocket=websocket,
             connection=connection,
             outstanding=asyncio.Semaphore(self.config.limits.max_outstanding_results),
+            capabilities=shown_capabilities(hello.capabilities),
+            count_sent=self.metrics.bytes_out.inc,
         )
         websocket.protocol.max_message_size = (
             self.config.max_message_bytes if session.role == "worker" else CONTROL_MAX_BYTES
@@ -239,6 +256,7 @@ class Orchestrator:
         self.sessions[session.session_id] = session
         self._freeze_when_grown()
         log.info("%s %s connected (%s)", session.role, session.name, session.session_id)
+        self.note("connect", f"{session.role} {session.name} ({session.identity.contributor})")
         await session.send(
             Welcome(
                 session_id=session.session_id,
@@ -255,6 +273,7 @@ class Orchestrator:
                 # Leases wait the reconnect window: a worker that comes back keeps them.
                 self.desk.disconnected(session)
             log.info("%s %s disconnected", session.role, session.name)
+            self.note("disconnect", f"{session.role} {session.name}")
 
     def _freeze_when_grown(self) -> None:
         """Move long-lived objects out of the garbage collector's sight as connections pile
@@ -272,6 +291,7 @@ class Orchestrator:
                 wait = bucket.take(time.monotonic())
                 if wait > 0:  # over the rate: stop reading for a while (TCP pushes back)
                     await asyncio.sleep(wait)
+                self.metrics.bytes_in.inc(len(frame))
                 message = session.connection.receive(frame)
                 await self._dispatch(session, message, len(frame))
         except ProtocolError as exc:
@@ -294,14 +314,14 @@ class Orchestrator:
             session.tasks.add(task)
             task.add_done_callback(session.tasks.discard)
         elif isinstance(message, Request):
-            await self.desk.on_request(session, message.count)
+            with self.metrics.lease_seconds.time():
+                await self.desk.on_request(session, message.count)
         elif isinstance(message, Heartbeat):
-            session.stats = dict(message.stats)
-            self.book.heartbeat(session.session_id, time.monotonic())
+            self.desk.on_heartbeat(session, message)
         elif isinstance(message, Release):
             await self.desk.on_release(session, message.chunk_id, message.reason)
-        elif isinstance(message, SetConfig):
-            await self._on_set_config(session, message)
+        elif await self.admin.dispatch(session, message):
+            pass
         elif isinstance(message, Requeue):
             await self.requeue_failed()
             await session.send(Stats(snapshot=self.snapshot()))
@@ -310,10 +330,14 @@ class Orchestrator:
         """Store one results message; anything unexpected is logged and the worker told to
         reconnect and resend, never dropped silently."""
         assert self.desk is not None
+        t0 = time.perf_counter()
         try:
             await self.desk.on_results(session, message)
+            self.metrics.commit_seconds.observe(time.perf_counter() - t0)
+            self.metrics.commit_error = None
         except Exception as exc:
             log.exception("results %d of %s not stored", message.seq, session.name)
+            self.metrics.commit_error = f"{type(exc).__name__}: {exc}"[:200]
             await session.websocket.close(CLOSE_INTERNAL, f"not stored: {exc}"[:120])
         finally:
             session.outstanding.release()
@@ -322,6 +346,7 @@ class Orchestrator:
     def _check_finished(self) -> None:
         if self.book is not None and self.book.finished and not self.finished.is_set():
             log.info("all chunks are done or failed")
+            self.note("done", "all chunks are done or failed")
             self.finished.set()
 
     # -- admin --------------------------------------------------------------------------------
@@ -352,6 +377,11 @@ class Orchestrator:
         workers = [s for s in self.sessions.values() if s.role == "worker"]
         await asyncio.gather(*(s.send(update) for s in workers))
         log.info("job updated and sent to %d workers", len(workers))
+        self.note(
+            "config",
+            f"job updated ({', '.join(sorted(patch)) or 'nothing'}), sent to "
+            f"{len(workers)} workers",
+        )
         return job
 
     async def requeue_failed(self) -> int:
@@ -364,20 +394,16 @@ class Orchestrator:
             self.book.revive(chunk_id)
         if reopened.item_count or reopened.chunks:
             self.finished.clear()
+        self.note(
+            "config",
+            f"requeued {reopened.item_count} failed items, {len(reopened.chunks)} failed chunks",
+        )
         log.info(
             "requeued %d failed items and %d failed chunks",
             reopened.item_count,
             len(reopened.chunks),
         )
         return reopened.item_count
-
-    async def _on_set_config(self, session: Session, message: SetConfig) -> None:
-        try:
-            await self.update_job(message.config)
-        except ConfigError as exc:
-            await session.send(ErrorMsg(code=4422, message=str(exc)))
-            return
-        await session.send(Stats(snapshot=self.snapshot()))
 
     # -- background loops -----------------------------------------------------------------
     async def _expiry_loop(self) -> None:
@@ -400,9 +426,15 @@ class Orchestrator:
                 s["workers"],
             )
 
+    def note(self, kind: str, text: str) -> None:
+        """Add an entry to the activity log monitors show (kinds: activity.KINDS)."""
+        self.activity.add(kind, text, time.time())
+
     async def _monitor_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            if self.book is not None:
+                self.history.record(self.book.items_done, time.time())
             monitors = [s for s in self.sessions.values() if s.role == "monitor"]
             if monitors:
                 stats = Stats(snapshot=self.snapshot())
@@ -415,16 +447,25 @@ class Orchestrator:
         requeues keep it right), captioned when done and not failed."""
         assert self.book is not None and self.desk is not None
         failed = self.store.items_failed
+        now = time.time()
+        done, total = self.book.items_done, self.book.items_total
+        rate_avg = self.history.average_rate(done, now)
         return {
-            "items_total": self.book.items_total,
-            "items_done": self.book.items_done,
+            "items_total": total,
+            "items_done": done,
             "items_failed": failed,
-            "items_captioned": self.book.items_done - failed,
+            "items_captioned": done - failed,
             "rate": round(self.desk.rate.rate(), 2),
+            "rate_avg": round(rate_avg, 2),
+            "eta_s": eta_seconds(total - done, rate_avg or self.desk.rate.rate()),
             "chunks": self.book.counts(),
             "workers": sum(1 for s in self.sessions.values() if s.role == "worker"),
             "sessions": [s.describe() for s in self.sessions.values()],
-            "uptime_s": round(time.time() - self.started_at, 1),
+            "uptime_s": round(now - self.started_at, 1),
+            "time": round(now, 3),
             "model": self.job.model,
             "prompts": list(self.job.inference_prompts),
+            "history": self.history.points(),
+            "activity": self.activity.recent(),
+            "contributors": self.leaderboard.rows,
         }

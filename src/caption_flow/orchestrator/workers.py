@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from caption_flow import faults
 from caption_flow.errors import NotLeasedError, StorageError
+from caption_flow.orchestrator.activity import ActivityLog
 from caption_flow.orchestrator.leases import RECLAIM_HOLDER, ChunkBook, ChunkStatus, Expiry, Lease
 from caption_flow.orchestrator.results import JobRules, build_batch, check_items, first_per_id
 from caption_flow.orchestrator.sessions import Session
@@ -23,6 +24,7 @@ from caption_flow.protocol.messages import (
     Ack,
     Assign,
     ChunkLease,
+    Heartbeat,
     ItemRef,
     ItemResult,
     Reject,
@@ -56,6 +58,7 @@ class WorkerDesk:
         rules: Callable[[], JobRules],
         live_sessions: Callable[[], Container[str]],
         on_change: Callable[[], None],
+        activity: ActivityLog | None = None,
     ) -> None:
         self.config = config
         self.book = book
@@ -64,6 +67,7 @@ class WorkerDesk:
         self.live_sessions = live_sessions
         self.on_change = on_change  # the book may have finished
         self.rate = RateMeter()
+        self.activity = activity if activity is not None else ActivityLog()
         self._lease_keys: dict[str, dict[int, str]] = {}
 
     # -- chunk states for the database --------------------------------------------------
@@ -131,9 +135,28 @@ class WorkerDesk:
             return
         if reason:
             log.warning("%s gave back %s: %s", session.name, chunk_id, reason[:200])
+            self._note("failure", f"{session.name} gave back {chunk_id}: {reason}")
         self._forget(expiry)
         await self.save([chunk_id])
         self.on_change()
+
+    def on_heartbeat(self, session: Session, message: Heartbeat) -> None:
+        """Extend the session's leases and keep what it reports for monitors; the chunk it
+        names is shown only while it is leased to this very session."""
+        now = time.monotonic()
+        session.stats = dict(message.stats)
+        session.last_heartbeat = now
+        chunk = self.book.chunks.get(message.chunk) if message.chunk else None
+        ours = (
+            chunk is not None
+            and chunk.status is ChunkStatus.LEASED
+            and chunk.holder == session.session_id
+        )
+        session.current_chunk = message.chunk if ours else ""
+        self.book.heartbeat(session.session_id, now)
+
+    def _note(self, kind: str, text: str) -> None:
+        self.activity.add(kind, text, time.time())
 
     def disconnected(self, session: Session) -> None:
         self.book.disconnected(session.session_id, time.monotonic())
@@ -150,6 +173,11 @@ class WorkerDesk:
                     e.attempts,
                     ", chunk failed" if e.failed else "",
                 )
+                self._note(
+                    "failure" if e.failed else "lease",
+                    f"lease of {e.chunk_id} {'revoked: no progress' if e.stalled else 'expired'}"
+                    f" (attempt {e.attempts}{', chunk failed' if e.failed else ''})",
+                )
         await self.save([e.chunk_id for e in expired])
         if expired:
             self.on_change()
@@ -162,6 +190,7 @@ class WorkerDesk:
     def requeue(self, chunk_id: str, item_ids: list[int], reason: str) -> None:
         """The store set these items aside (quarantine): they are missing again."""
         log.error("%d items of %s set aside (%s); re-queued", len(item_ids), chunk_id, reason)
+        self._note("failure", f"{len(item_ids)} items of {chunk_id} set aside: {reason}")
         self.book.requeue_items(chunk_id, item_ids)
         self._lease_keys.pop(chunk_id, None)
 
@@ -176,6 +205,7 @@ class WorkerDesk:
             except NotLeasedError as exc:
                 reason = str(exc)
         if reason is not None:
+            self._note("failure", f"results of {session.name} for {results.chunk_id}: {reason}")
             await session.send(Reject(seq=results.seq, reason=reason))
             return
         faults.reach(faults.RESULTS_COMMITTED)
@@ -222,6 +252,8 @@ class WorkerDesk:
                 await self.save([results.chunk_id])
             raise
         keys = self._lease_keys.get(results.chunk_id, {})
+        if batch.failed:
+            self._note("failure", f"{batch.failed} items of {results.chunk_id} failed")
         for item_id in batch.item_ids if batch.failed else ():  # stored failures, named at -v
             item = by_id[item_id]
             if is_failure(item.error, item.outputs):

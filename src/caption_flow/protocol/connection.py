@@ -15,17 +15,23 @@ from caption_flow.errors import AuthError, ProtocolError
 from caption_flow.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
+    AddToken,
+    AdminResult,
     Assign,
     ConfigUpdate,
     ErrorMsg,
+    GetStats,
     Heartbeat,
     Hello,
+    ListTokens,
     Message,
     Reject,
     Release,
+    ReloadConfig,
     Request,
     Requeue,
     Results,
+    RevokeToken,
     SetConfig,
     Stats,
     Welcome,
@@ -41,12 +47,29 @@ CLOSE_VERSION = 4426
 ALLOWED_FROM: dict[str, tuple[type, ...]] = {
     "worker": (Request, Results, Heartbeat, Release),
     "dataworker": (Heartbeat,),
-    "monitor": (Heartbeat,),
-    "admin": (SetConfig, Requeue, Heartbeat),
+    "monitor": (Heartbeat, GetStats),
+    "admin": (
+        SetConfig,
+        Requeue,
+        Heartbeat,
+        GetStats,
+        ReloadConfig,
+        AddToken,
+        RevokeToken,
+        ListTokens,
+    ),
 }
 
 # What a client expects to receive once welcomed.
-ALLOWED_TO_CLIENT: tuple[type, ...] = (Assign, Ack, Reject, ConfigUpdate, Stats, ErrorMsg)
+ALLOWED_TO_CLIENT: tuple[type, ...] = (
+    Assign,
+    Ack,
+    Reject,
+    ConfigUpdate,
+    Stats,
+    ErrorMsg,
+    AdminResult,
+)
 
 
 class State(enum.Enum):

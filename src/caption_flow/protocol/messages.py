@@ -148,6 +148,7 @@ class Heartbeat(_Msg, tag="heartbeat"):
     """Keeps a session's leases alive and reports worker statistics."""
 
     stats: Annotated[dict[StatName, float], msgspec.Meta(max_length=MAX_STATS)] = {}
+    chunk: Annotated[str, msgspec.Meta(max_length=MAX_CHUNK_ID_CHARS)] = ""  # being captioned
 
 
 class Release(_Msg, tag="release"):
@@ -179,6 +180,55 @@ class Requeue(_Msg, tag="requeue"):
     failed: bool = True
 
 
+TokenHash = Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
+TokenName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"^[^/]+$")
+]
+MAX_ADMIN_LIST = 10_000
+
+
+class ReloadConfig(_Msg, tag="reload_config"):
+    """Admin to orchestrator: a whole ``orchestrator`` section to validate and apply what
+    can change live. A section without ``auth`` keeps the running tokens."""
+
+    config: Annotated[dict[StatName, Any], msgspec.Meta(max_length=64)]
+
+
+class AddToken(_Msg, tag="add_token"):
+    """Admin to orchestrator: store a token by its hash (the token never crosses the wire)."""
+
+    role: Role
+    name: TokenName
+    token_hash: TokenHash
+
+
+class RevokeToken(_Msg, tag="revoke_token"):
+    """Admin to orchestrator: refuse ``name``'s token (of ``role``, or of every role) from
+    now on and close its sessions."""
+
+    name: TokenName
+    role: Role | None = None
+
+
+class ListTokens(_Msg, tag="list_tokens"):
+    """Admin to orchestrator: names, roles, sources and revocations of every token."""
+
+
+class GetStats(_Msg, tag="get_stats"):
+    """Monitor or admin to orchestrator: answer with one ``stats`` snapshot now."""
+
+
+class AdminResult(_Msg, tag="admin_result"):
+    """Orchestrator to admin: what a command did. ``ok`` false: nothing changed, and
+    ``message`` says why."""
+
+    ok: bool
+    message: str = ""
+    changed: Annotated[list[str], msgspec.Meta(max_length=MAX_ADMIN_LIST)] = []
+    restart_needed: Annotated[list[str], msgspec.Meta(max_length=MAX_ADMIN_LIST)] = []
+    data: dict[str, Any] = {}
+
+
 class Stats(_Msg, tag="stats"):
     """Orchestrator to monitors (and answer to admins): a live snapshot."""
 
@@ -207,6 +257,12 @@ Message = (
     | Requeue
     | Stats
     | ErrorMsg
+    | ReloadConfig
+    | AddToken
+    | RevokeToken
+    | ListTokens
+    | GetStats
+    | AdminResult
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -15,7 +15,7 @@ from caption_flow.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,7 +60,9 @@ CREATE TABLE IF NOT EXISTS contributors (
     items INTEGER NOT NULL DEFAULT 0,
     failed INTEGER NOT NULL DEFAULT 0,
     first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL
+    last_seen REAL NOT NULL,
+    captions INTEGER NOT NULL DEFAULT 0,
+    trust_level INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     seq INTEGER PRIMARY KEY,
@@ -69,6 +71,15 @@ CREATE TABLE IF NOT EXISTS quarantine (
     record BLOB,
     reason TEXT NOT NULL,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    token_hash TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT 'db',
+    created REAL NOT NULL,
+    revoked REAL,
+    PRIMARY KEY (role, name)
 );
 """
 
@@ -79,6 +90,13 @@ _MIGRATE_2_TO_3 = (
     "ALTER TABLE items ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE parts ADD COLUMN state TEXT NOT NULL DEFAULT 'recorded'",
     "ALTER TABLE parts ADD COLUMN seq INTEGER",
+)
+# Version 3 -> 4: the contributors' caption counts and trust levels (the tokens table is new,
+# created below). Captions stored before are estimated as one per captioned item.
+_MIGRATE_3_TO_4 = (
+    "ALTER TABLE contributors ADD COLUMN captions INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE contributors ADD COLUMN trust_level INTEGER NOT NULL DEFAULT 1",
+    "UPDATE contributors SET captions = MAX(items - failed, 0)",
 )
 _PART_SEQ = re.compile(r"^part-(\d+)\.parquet$")
 
@@ -101,30 +119,46 @@ def _set_version(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    for statement in _MIGRATE_2_TO_3:
+        conn.execute(statement)
+    for (name,) in conn.execute("SELECT name FROM parts").fetchall():
+        match = _PART_SEQ.match(name)
+        if match:
+            conn.execute("UPDATE parts SET seq=? WHERE name=?", (int(match.group(1)), name))
+
+
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(contributors)")}
+    if not columns or "captions" in columns:  # no table yet: it is created whole below
+        return
+    for statement in _MIGRATE_3_TO_4:
+        conn.execute(statement)
+
+
+_MIGRATIONS = {2: _migrate_2_to_3, 3: _migrate_3_to_4}
+
+
 def create_or_migrate(conn: sqlite3.Connection, path: Path) -> None:
     """Create the tables of a new database, or bring an older one up to
-    :data:`SCHEMA_VERSION` (all in one transaction)."""
+    :data:`SCHEMA_VERSION`, one version after the other (all in one transaction)."""
     version = _stored_version(conn)
     if version is not None and version != SCHEMA_VERSION:
-        if version != 2:
+        if version not in _MIGRATIONS:
             raise StorageError(
-                f"{path}: schema version {version}, this release reads version 2 or "
-                f"{SCHEMA_VERSION}; open it with the release that wrote it"
+                f"{path}: schema version {version}, this release reads versions "
+                f"{min(_MIGRATIONS)} to {SCHEMA_VERSION}; open it with the release that wrote it"
             )
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _MIGRATE_2_TO_3:
-                conn.execute(statement)
-            for (name,) in conn.execute("SELECT name FROM parts").fetchall():
-                match = _PART_SEQ.match(name)
-                if match:
-                    conn.execute("UPDATE parts SET seq=? WHERE name=?", (int(match.group(1)), name))
+            for step in range(version, SCHEMA_VERSION):
+                _MIGRATIONS[step](conn)
             _set_version(conn)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-        log.info("%s: schema migrated from version 2 to %d", path, SCHEMA_VERSION)
+        log.info("%s: schema migrated from version %d to %d", path, version, SCHEMA_VERSION)
     conn.executescript(_SCHEMA)
     if version is None:
         _set_version(conn)

@@ -55,6 +55,7 @@ class JournalBatch:
     """One encoded journal record, the items it makes done, and who made them.
 
     ``retry_ids`` failed in this message but are not done: each counts one more attempt.
+    ``captions`` is how many non-empty caption strings the record stores.
     """
 
     item_ids: Sequence[int]
@@ -63,6 +64,7 @@ class JournalBatch:
     failed: int = 0
     chunk_id: str = ""
     retry_ids: Sequence[int] = ()
+    captions: int = 0
 
 
 @dataclass(frozen=True)
@@ -245,9 +247,10 @@ class StateDB:
         now = time.time()
         per_contributor: dict[str, list[int]] = {}
         for b in batches:
-            counts = per_contributor.setdefault(b.contributor, [0, 0])
+            counts = per_contributor.setdefault(b.contributor, [0, 0, 0])
             counts[0] += len(b.item_ids)
             counts[1] += b.failed
+            counts[2] += b.captions
         self.conn.executemany(
             "INSERT INTO journal(items, record, chunk_id, item_ids) VALUES(?, ?, ?, ?)",
             (
@@ -265,10 +268,11 @@ class StateDB:
             id_runs(i for b in batches for i in b.retry_ids),
         )
         self.conn.executemany(
-            "INSERT INTO contributors(contributor, items, failed, first_seen, last_seen) "
-            "VALUES(?,?,?,?,?) ON CONFLICT(contributor) DO UPDATE SET "
-            "items=items+excluded.items, failed=failed+excluded.failed, last_seen=?",
-            ((c, n, f, now, now, now) for c, (n, f) in per_contributor.items()),
+            "INSERT INTO contributors(contributor, items, failed, captions, first_seen, "
+            "last_seen) VALUES(?,?,?,?,?,?) ON CONFLICT(contributor) DO UPDATE SET "
+            "items=items+excluded.items, failed=failed+excluded.failed, "
+            "captions=captions+excluded.captions, last_seen=excluded.last_seen",
+            ((c, n, f, k, now, now) for c, (n, f, k) in per_contributor.items()),
         )
 
     def contributors(self) -> list[tuple[str, int, int]]:
@@ -530,6 +534,55 @@ class StateDB:
                 "WHERE items.chunk_id = chunks.chunk_id AND items.done = 0) RETURNING chunk_id"
             ).fetchall()
         return sorted(r[0] for r in rows)
+
+    # -- leaderboard and tokens (orchestrator/leaderboard.py, orchestrator/auth.py) -------
+    def leaderboard(self, limit: int) -> list[tuple[str, int, int, int, float, float, int]]:
+        """(contributor, items, failed, captions, first_seen, last_seen, trust_level) of the
+        ``limit`` contributors with most items."""
+        return self.conn.execute(
+            "SELECT contributor, items, failed, captions, first_seen, last_seen, trust_level "
+            "FROM contributors ORDER BY items DESC, contributor LIMIT ?",
+            (limit,),
+        ).fetchall()
+
+    def contributor_totals(self) -> tuple[int, int]:
+        """(contributors, items) over every contributor: the leaderboard's denominator."""
+        row = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(items), 0) FROM contributors")
+        count, items = row.fetchone()
+        return int(count), int(items)
+
+    def tokens(self) -> list[tuple[str, str, str, str, float | None]]:
+        """(role, name, token_hash, source, revoked) of every stored token or revocation."""
+        return self.conn.execute(
+            "SELECT role, name, token_hash, source, revoked FROM tokens ORDER BY role, name"
+        ).fetchall()
+
+    def add_token(self, role: str, name: str, token_hash: str) -> None:
+        """Store a token's hash (never the token). A revoked entry of that name is replaced;
+        a live one is refused (StorageError): revoke it first."""
+        with self._transaction():
+            row = self.conn.execute(
+                "SELECT revoked FROM tokens WHERE role=? AND name=?", (role, name)
+            ).fetchone()
+            if row is not None and row[0] is None:
+                raise StorageError(f"a {role} token named {name!r} exists: revoke it first")
+            self.conn.execute(
+                "INSERT INTO tokens(role, name, token_hash, source, created, revoked) "
+                "VALUES(?,?,?,'db',?,NULL) ON CONFLICT(role, name) DO UPDATE SET "
+                "token_hash=excluded.token_hash, source='db', created=excluded.created, "
+                "revoked=NULL",
+                (role, name, token_hash, time.time()),
+            )
+
+    def revoke_token(self, role: str, name: str) -> None:
+        """Refuse ``role``/``name`` from now on, whether its token is stored here or in the
+        config (a config token's revocation is a row without a hash)."""
+        now = time.time()
+        self.conn.execute(
+            "INSERT INTO tokens(role, name, token_hash, source, created, revoked) "
+            "VALUES(?,?,'','config',?,?) ON CONFLICT(role, name) DO UPDATE SET revoked=?",
+            (role, name, now, now, now),
+        )
 
     # -- helpers --------------------------------------------------------------------------
     def _transaction(self) -> _Transaction:

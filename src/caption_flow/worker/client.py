@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import ssl
 import time
@@ -205,7 +206,7 @@ class Worker:
                     role="worker",
                     token=self.config.token,
                     name=self.config.name,
-                    capabilities={"engine": self.config.engine},
+                    capabilities=self._capabilities(),
                     held_chunks=held,
                 )
             )
@@ -342,20 +343,47 @@ class Worker:
             self.config.heartbeat_seconds, self.job_heartbeat_seconds, self.lease_seconds / 3
         )
 
+    def _capabilities(self) -> dict[str, str | int | float | bool]:
+        """What monitors show of this worker: texts here, numbers in heartbeats."""
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if self.config.gpu_id is not None:
+            gpu = str(self.config.gpu_id)
+        capabilities: dict[str, str | int | float | bool] = {
+            "engine": self.config.engine,
+            "model": self.config.model or "",
+            "gpu": f"cuda:{gpu}" if gpu.strip() else "",
+        }
+        if self.config.gpu_id is not None:
+            capabilities["gpu_id"] = self.config.gpu_id
+        return capabilities
+
+    def heartbeat_stats(self, elapsed: float, items: int) -> dict[str, float]:
+        """Numbers only (the protocol's stats are floats, at most 32): ``items`` is the
+        engine's item count when the last heartbeat went out, ``elapsed`` seconds ago."""
+        queued: list[ChunkLease] = list(self.queue._queue)  # type: ignore[attr-defined]
+        stats = {
+            "items_per_s": round((self.clock.items - items) / max(elapsed, 1e-6), 3),
+            "engine_busy": round(self.clock.busy_fraction(), 3),
+            "tokens": float(self.clock.tokens),
+            "queued_chunks": float(len(queued)),
+            "queued_items": float(sum(len(c.items) for c in queued)),
+            "unacked": float(len(self.outbox)),
+            "chunk_items": float(len(self.current.items)) if self.current is not None else 0.0,
+        }
+        if self.limit.limit is not None:
+            stats["batch_limit"] = float(self.limit.limit)
+        if self.config.gpu_id is not None:
+            stats["gpu_id"] = float(self.config.gpu_id)
+        return stats
+
     async def _heartbeat_loop(self, ws: WSClient) -> None:
         started, items = time.monotonic(), self.clock.items
         while True:
             await asyncio.sleep(self.heartbeat_interval())
-            elapsed = time.monotonic() - started
-            stats = {
-                "items_per_s": round((self.clock.items - items) / max(elapsed, 1e-6), 3),
-                "engine_busy": round(self.clock.busy_fraction(), 3),
-                "tokens": float(self.clock.tokens),
-                "queued_chunks": float(self.queue.qsize()),
-                "unacked": float(len(self.outbox)),
-            }
+            stats = self.heartbeat_stats(time.monotonic() - started, items)
             started, items = time.monotonic(), self.clock.items
-            await ws.send(encode(Heartbeat(stats=stats)))
+            current = self.current.chunk_id if self.current is not None else ""
+            await ws.send(encode(Heartbeat(stats=stats, chunk=current)))
 
     async def _request_loop(self, ws: WSClient) -> None:
         while True:

@@ -1,0 +1,154 @@
+"""The stats feed: a monitor's connection to the orchestrator, kept up across restarts.
+
+It says hello with the monitor token, then hands every ``stats`` snapshot to a callback.
+A lost connection is retried with exponential back-off (the status callback says so); a
+refused token is not retried, since no retry can fix it. No Textual here: the CLI's
+``--once`` uses :func:`fetch_snapshot` from the same module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from caption_flow.config.models import MonitorConfig
+from caption_flow.errors import AuthError, ProtocolError
+from caption_flow.monitor.model import Link
+from caption_flow.protocol.connection import ClientConnection
+from caption_flow.protocol.messages import Hello, Stats, encode
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+REFUSED_CODES = (4001, 4003, 4426)  # bad token, wrong role, protocol version: final
+
+
+def ssl_context(config: MonitorConfig) -> ssl.SSLContext | None:
+    if not config.server.startswith("wss://"):
+        return None
+    context = ssl.create_default_context()
+    if not config.verify_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def refusal(exc: ConnectionClosed) -> str | None:
+    """Why the orchestrator refused us for good, or None for a connection merely lost."""
+    if exc.rcvd is None or exc.rcvd.code not in REFUSED_CODES:
+        return None
+    reason = exc.rcvd.reason or "refused"
+    hint = " (check monitor.token or --token)" if exc.rcvd.code == 4001 else ""
+    return f"{reason} ({exc.rcvd.code}){hint}"
+
+
+class StatsFeed:
+    """Connect, receive snapshots, reconnect; ``run`` returns only once refused."""
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        on_snapshot: Callable[[dict[str, Any]], object],
+        on_link: Callable[[str, str], object],
+        first_delay: float = 0.5,
+        max_delay: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.on_snapshot = on_snapshot
+        self.on_link = on_link  # (Link state, detail)
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self._wake = asyncio.Event()
+        self._connected = False
+
+    def retry_now(self) -> None:
+        """Cut the current back-off short."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        delay = self.first_delay
+        while True:
+            self._connected = False
+            try:
+                await self._session()
+                why = "connection closed"
+            except ConnectionClosed as exc:
+                refused = refusal(exc)
+                if refused is not None:
+                    self.on_link(Link.REFUSED, refused)
+                    return
+                why = "connection lost"
+            except InvalidURI as exc:
+                self.on_link(Link.REFUSED, f"bad server URL: {exc}")
+                return
+            except ssl.SSLCertVerificationError as exc:
+                self.on_link(
+                    Link.REFUSED,
+                    f"certificate not trusted ({exc.verify_message}); a self-signed one needs "
+                    "monitor.verify_ssl: false (--no-verify-ssl)",
+                )
+                return
+            except (OSError, TimeoutError, InvalidHandshake, ProtocolError) as exc:
+                why = str(exc) or type(exc).__name__
+            if self._connected:  # it worked a while: start the back-off afresh
+                delay = self.first_delay
+            wait = delay * (0.8 + 0.4 * random.random())
+            self.on_link(Link.RECONNECTING, f"{why}; next try in {wait:.1f}s")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            delay = min(delay * 2, self.max_delay)
+
+    async def _session(self) -> None:
+        async with connect(
+            self.config.server,
+            ssl=ssl_context(self.config),
+            open_timeout=CONNECT_TIMEOUT_S,
+            compression=None,
+        ) as ws:
+            protocol = ClientConnection()
+            await ws.send(encode(Hello(role="monitor", token=self.config.token, name="monitor")))
+            protocol.receive(await ws.recv())  # the welcome; a refusal closes the socket
+            log.info("connected to %s as a monitor", self.config.server)
+            self._connected = True
+            self.on_link(Link.CONNECTED, "")
+            async for frame in ws:
+                message = protocol.receive(frame)
+                if isinstance(message, Stats):
+                    self.on_snapshot(message.snapshot)
+
+
+async def fetch_snapshot(config: MonitorConfig) -> dict[str, Any]:
+    """One snapshot, for scripts; raises AuthError when refused, ProtocolError when the
+    orchestrator cannot be reached."""
+    try:
+        async with connect(
+            config.server,
+            ssl=ssl_context(config),
+            open_timeout=CONNECT_TIMEOUT_S,
+            compression=None,
+        ) as ws:
+            protocol = ClientConnection()
+            await ws.send(encode(Hello(role="monitor", token=config.token, name="monitor")))
+            protocol.receive(await ws.recv())
+            while True:
+                message = protocol.receive(await ws.recv())
+                if isinstance(message, Stats):
+                    return message.snapshot
+    except ConnectionClosed as exc:
+        refused = refusal(exc)
+        if refused is not None:
+            raise AuthError(f"orchestrator refused the monitor: {refused}") from None
+        raise ProtocolError(f"connection to {config.server} closed: {exc}") from None
+    except InvalidURI as exc:
+        raise ProtocolError(f"bad server URL: {exc}") from None
+    except (OSError, TimeoutError, InvalidHandshake) as exc:
+        raise ProtocolError(f"cannot reach the orchestrator at {config.server}: {exc}") from None
