@@ -376,3 +376,72 @@ def test_push_to_hub_card_and_resume(
     smaller = push(data, "org/caps", tmp_path / "s2", Selection(limit=1), config=run, **kw)
     assert len(smaller.removed) == len(shards)  # an earlier export's shards are taken out
     assert [n for n in hub.repos["org/caps"] if n.startswith("data/")] == smaller.uploaded
+
+
+def test_publish_to_a_path_resumes_and_follows_repairs(tmp_path: Path) -> None:
+    from caption_flow.export.publish import Publisher
+
+    data, _, _ = tar_store(tmp_path)
+    (data / "contributors.parquet").write_bytes(b"table v1")
+    target = tmp_path / "mirror"
+    publisher = Publisher(data, str(target), every_s=3600)
+    first = publisher.publish_once()
+    parts = sorted(p.name for p in (data / "captions").glob("part-*.parquet"))
+    assert first.copied == sorted([*(f"captions/{n}" for n in parts), "contributors.parquet"])
+    for name in first.copied:
+        assert (target / name).read_bytes() == (data / name).read_bytes()
+    # A new publisher (a restart) finds everything there: nothing is sent again.
+    restarted = Publisher(data, str(target), every_s=3600)
+    restarted._tables = dict(publisher._tables)
+    assert restarted.publish_once().copied == []
+    # A repair replaces part 0 (as `requeue` does: intend the new part, then swap).
+    db = StateDB(data / "state.db")
+    new = db.intend_part(part_name)
+    shutil.copy(data / "captions" / parts[0], data / "captions" / new)
+    db.swap_part(parts[0], new, 2, [])
+    db.close()
+    round3 = restarted.publish_once()
+    assert round3.copied == [f"captions/{new}"]
+    assert round3.removed == [f"captions/{parts[0]}"] and not (target / round3.removed[0]).exists()
+
+
+def test_cli_publish_once(run: OrchestratorConfig, tmp_path: Path) -> None:
+    args = ["publish", "--data-dir", str(run.storage.data_dir), "--to", str(tmp_path / "b")]
+    done = CliRunner().invoke(cli, [*args, "--once"])
+    assert done.exit_code == 0, done.output
+    parts = recorded_parts(run.storage.data_dir)
+    assert sorted(p.name for p in (tmp_path / "b" / "captions").iterdir()) == [
+        p.name for p in parts
+    ]
+    copies = list((tmp_path / "b" / "captions").iterdir())
+    before = {p: p.stat().st_mtime_ns for p in copies}
+    # A new process sends no part again (only the two small tables, whose state it lacks).
+    assert CliRunner().invoke(cli, [*args, "--once"]).exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in copies} == before
+
+
+def test_publish_to_hub_retries_until_it_succeeds(tmp_path: Path, hub: FakeHub) -> None:
+    from caption_flow.export.publish import Publisher
+
+    data, _, _ = tar_store(tmp_path)
+    publisher = Publisher(
+        data, "huggingface", repo="org/live", every_s=0.05, token="t", endpoint=hub.endpoint
+    )
+    hub.fail_commits_after = 0  # the hub refuses every commit at first
+    publisher.start()
+    try:
+        time.sleep(0.3 * TIME_UNIT)
+        assert publisher.failures > 0 and hub.repos["org/live"] == {}
+        hub.fail_commits_after = None
+        deadline = time.monotonic() + 20 * TIME_UNIT
+        while len(hub.repos["org/live"]) < 2:
+            assert time.monotonic() < deadline, "the publisher never caught up"
+            time.sleep(0.02)
+    finally:
+        publisher.stop()
+    parts = sorted(p.name for p in (data / "captions").glob("part-*.parquet"))
+    assert sorted(hub.repos["org/live"]) == [f"captions/{n}" for n in parts]
+    assert all(
+        hub.repos["org/live"][f"captions/{n}"] == (data / "captions" / n).read_bytes()
+        for n in parts
+    )

@@ -196,6 +196,50 @@ def _push(
     )
 
 
+@click.command("publish")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file")
+@click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    help="huggingface (with --repo), or an fsspec URL or path: s3://bucket/run, gs://..., /mnt/b",
+)
+@click.option("--repo", help="the hub dataset repo, org/name (created private if missing)")
+@click.option("--every", type=click.FloatRange(min=1), default=600.0, help="seconds between rounds")
+@click.option("--once", is_flag=True, help="one round, then exit (for cron)")
+@verbose_option
+def publish_command(
+    config_path: str | None,
+    data_dir: str | None,
+    target: str,
+    repo: str | None,
+    every: float,
+    once: bool,
+) -> None:
+    """Copy each new part (and the contributors and jobs tables) off this machine as the run
+    grows: resumable, beside a running orchestrator, until Ctrl-C."""
+    import signal
+    import threading
+
+    from caption_flow.export.publish import Publisher
+
+    folder, _, _ = _data_dir(config_path, data_dir)
+    publisher = Publisher(folder, target, repo=repo, every_s=every)
+    if once:
+        done = publisher.publish_once()
+        console.print(f"published {len(done.copied)} file(s), removed {len(done.removed)}")
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    publisher.start()
+    console.print(f"publishing {escape(str(folder))} to {escape(repo or target)} every {every:g} s")
+    while not stop.wait(1.0):
+        pass
+    publisher.stop()
+
+
 @click.command("stats")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file")
 @click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)

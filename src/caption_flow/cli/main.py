@@ -22,7 +22,7 @@ from caption_flow.cli.configs import (
     tls_overrides,
     worker_config,
 )
-from caption_flow.cli.export import export_command, stats_command
+from caption_flow.cli.export import export_command, publish_command, stats_command
 from caption_flow.cli.logs import console, verbose_option
 from caption_flow.cli.monitor import monitor
 from caption_flow.cli.preflight import check_port_free, port_error
@@ -403,6 +403,7 @@ cli.add_command(inspect_cert)
 cli.add_command(scan_chunks_command, "scan-chunks")
 cli.add_command(export_command, "export")
 cli.add_command(stats_command, "stats")
+cli.add_command(publish_command, "publish")
 cli.add_command(admin)
 cli.add_command(status)
 cli.add_command(contributors)

@@ -135,8 +135,39 @@ class DatasetConfig(_Strict):
         return f"{base}@{self.version}" if self.version else base
 
 
+_EVERY_UNITS = {
+    **dict.fromkeys(("s", "sec", "second"), 1),
+    **dict.fromkeys(("m", "min", "minute"), 60),
+    **dict.fromkeys(("h", "hour"), 3600),
+}
+
+
+class PublishConfig(_Strict):
+    """Continuous publishing: each new part and the contributors/jobs tables go to ``to`` as
+    they are written, on a thread of their own, retried with back-off on failure."""
+
+    to: str = Field(description="huggingface, or an fsspec URL or path (s3://..., /mnt/...)")
+    repo: str | None = Field(None, description="org/name of the hub dataset repo")
+    every: float = Field(
+        600.0, gt=0, description="seconds between rounds; also '10 minutes', '30 s', '1 h'"
+    )
+    storage_options: dict[str, Any] = Field({}, description="fsspec options for the target")
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            number, _, unit = value.strip().partition(" ")
+            unit = unit.strip().lower().rstrip("s") or "s"
+            if unit not in _EVERY_UNITS:
+                raise ValueError(f"unknown unit {unit!r} (seconds, minutes or hours)")
+            return float(number) * _EVERY_UNITS[unit]
+        return value
+
+
 class StorageConfig(_Strict):
     data_dir: Path = Path("./caption_data")
+    publish: PublishConfig | None = None
     compact_rows: int = Field(50_000, ge=1, description="journal rows that trigger a part file")
     compact_seconds: float = Field(10.0, gt=0, description="oldest journal row age that does")
     group_commit_ms: float = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from caption_flow.config.models import DatasetConfig
@@ -59,7 +60,7 @@ def export(
     """Write the committed rows that ``selection`` picks in format ``fmt``. The parts are
     those recorded when the export starts; later ones are left for the next export."""
     if options.dataset is None:
-        options = WriterOptions(**{**options.__dict__, "dataset": recorded_dataset(data_dir)})
+        options = replace(options, dataset=recorded_dataset(data_dir))
     with CommittedOutput(data_dir) as output:
         total = output.count(selection)
         output.schema(selection)  # an unknown --fields fails before any file is made

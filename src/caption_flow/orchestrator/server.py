@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import ssl
 import time
 import uuid
@@ -25,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from caption_flow.config.discovery import deep_merge
 from caption_flow.config.models import DatasetConfig, ModelConfig, OrchestratorConfig
 from caption_flow.errors import ConfigError, ProtocolError
+from caption_flow.export.publish import Publisher
 from caption_flow.orchestrator.activity import ActivityLog, ThroughputHistory, eta_seconds
 from caption_flow.orchestrator.admin import AdminDesk
 from caption_flow.orchestrator.auth import Authenticator, check_exposure
@@ -97,6 +99,7 @@ class Orchestrator:
         self._tasks: list[asyncio.Task[None]] = []
         self.finished = asyncio.Event()
         self._stopped = False
+        self.publisher: Publisher | None = None
         self.fatal: str | None = None  # why the process must stop, when it must
         self.failed = asyncio.Event()
 
@@ -104,6 +107,7 @@ class Orchestrator:
     async def start(self) -> None:
         """Open the store, list the dataset into chunks, then accept connections."""
         await self.store.start()
+        self._start_publishing()
         self.authenticate.load(await self.store.run_db(self.store.db.tokens))
         source = open_source(self.config.dataset, cache_dir=self.config.storage.data_dir)
         t0 = time.monotonic()
@@ -206,6 +210,27 @@ class Orchestrator:
             self._server.close()
             await self._server.wait_closed()
         await self.store.close(flush=True)
+        if self.publisher is not None:  # a last round, so the target has the final output
+            self.publisher.stop()
+            await asyncio.to_thread(self.publisher.publish_once)
+
+    def _start_publishing(self) -> None:
+        """storage.publish: the output leaves the machine while the run grows."""
+        publish = self.config.storage.publish
+        if publish is None:
+            return
+        self.publisher = Publisher(
+            self.config.storage.data_dir,
+            publish.to,
+            repo=publish.repo,
+            every_s=publish.every,
+            storage_options=publish.storage_options,
+            token=os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_HUB_TOKEN"),
+        )
+        self.publisher.start()
+        log.info(
+            "publishing the output to %s every %.0f s", publish.repo or publish.to, publish.every
+        )
 
     # -- connections ------------------------------------------------------------------------
     async def _handle(self, websocket: WSConnection) -> None:
