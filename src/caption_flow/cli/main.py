@@ -176,8 +176,9 @@ def orchestrator(
 @click.option("--precision", help="dtype: auto, float16, bfloat16, float32")
 @click.option(
     "--engine",
-    type=click.Choice(["auto", "transformers", "vllm"]),
-    help="inference engine: auto is vLLM on a CUDA GPU with vLLM installed, else transformers",
+    type=click.Choice(["auto", "transformers", "vllm", "openai"]),
+    help="inference engine: auto is vLLM on a CUDA GPU with vLLM installed, else transformers; "
+    "openai sends requests to the config's endpoints",
     show_default=FROM_CONFIG + ", else auto",
 )
 @click.option("--dataset-path", help="where this host sees the dataset")

@@ -53,6 +53,15 @@ class StageConfig(_Strict):
     output_field: str = "captions"
     requires: list[str] = []
     sampling: SamplingConfig | None = None
+    retry_prompt: str | None = Field(
+        None, description="this stage's prompt for the one semantic retry (else the job's)"
+    )
+    retry_sampling: SamplingConfig | None = Field(
+        None, description="this stage's sampling for the semantic retry (else the job's)"
+    )
+    output_schema: dict[str, Any] | None = Field(
+        None, description="this stage's JSON schema for its captions (else the job's)"
+    )
 
 
 class ModelConfig(_Strict):
@@ -75,6 +84,23 @@ class ModelConfig(_Strict):
     output_field: str = "captions"
     stages: list[StageConfig] = []
     image: ImageConfig = ImageConfig()
+    retry_prompt: str | None = Field(
+        None,
+        description="prompt for one retry of an empty, refused or invalid caption; None: the "
+        "retry reuses the item's own prompt",
+    )
+    retry_sampling: SamplingConfig | None = Field(
+        None, description="sampling for that retry; None: the stage's own sampling"
+    )
+    output_schema: dict[str, Any] | None = Field(
+        None,
+        description="a JSON schema every caption must match: sent to openai endpoints as "
+        "response_format and checked on the worker and the orchestrator",
+    )
+    refusal_markers: list[str] = Field(
+        ["I'm sorry", "I cannot", "I can't", "I am unable", "I'm unable"],
+        description="a caption that starts with one of these (case-insensitive) is a refusal",
+    )
 
     @field_validator("inference_prompts")
     @classmethod
@@ -283,6 +309,32 @@ class OrchestratorConfig(_Strict):
     _legacy = model_validator(mode="before")(legacy.orchestrator_keys)
 
 
+class EndpointConfig(_Strict):
+    """One OpenAI-compatible server the ``openai`` engine sends requests to."""
+
+    name: str = Field(min_length=1, max_length=128)
+    base_url: str | None = Field(None, description="e.g. http://host:8000/v1")
+    base_url_env: str | None = Field(None, description="environment variable with the base_url")
+    api_key_env: str | None = Field(
+        None, description="environment variable with the API key (the key is never in a file)"
+    )
+    model: str = Field(min_length=1, description="the model name the server knows")
+    initial_concurrency: int = Field(4, ge=1)
+    max_concurrency: int = Field(64, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    timeout_seconds: float = Field(120.0, gt=0)
+    max_retries: int = Field(3, ge=0, description="further attempts per request after a failure")
+    extra_body: dict[str, Any] = Field({}, description="merged into every request body")
+
+    @model_validator(mode="after")
+    def _one_url(self) -> EndpointConfig:
+        if (self.base_url is None) == (self.base_url_env is None):
+            raise ValueError("give exactly one of base_url and base_url_env")
+        if self.initial_concurrency > self.max_concurrency:
+            raise ValueError("initial_concurrency is above max_concurrency")
+        return self
+
+
 class WorkerConfig(_Strict):
     server: str = "ws://localhost:8765"
     token: str = Field("", max_length=512)
@@ -291,7 +343,14 @@ class WorkerConfig(_Strict):
     batch_size: int | None = Field(None, ge=1)
     model: str | None = None
     precision: str | None = None
-    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    engine: Literal["auto", "transformers", "vllm", "openai"] = "auto"
+    endpoints: list[EndpointConfig] = Field(
+        [], description="the servers the openai engine uses, all at once"
+    )
+    image_format: Literal["jpeg", "png", "webp"] = Field(
+        "jpeg", description="how the openai engine encodes images for its data URLs"
+    )
+    image_quality: int = Field(90, ge=1, le=100, description="jpeg/webp quality")
     dataset_path: str | None = Field(
         None, description="where this worker sees the dataset, if not at the orchestrator's path"
     )
@@ -337,6 +396,12 @@ class WorkerConfig(_Strict):
     engine_backoff_max_seconds: float = Field(300.0, gt=0, description="the longest such wait")
 
     _legacy = model_validator(mode="before")(legacy.worker_keys)
+
+    @model_validator(mode="after")
+    def _endpoints_for_openai(self) -> WorkerConfig:
+        if self.engine == "openai" and not self.endpoints:
+            raise ValueError("engine openai needs at least one entry in endpoints")
+        return self
 
 
 class MonitorConfig(_Strict):

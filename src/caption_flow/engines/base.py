@@ -36,18 +36,26 @@ class EngineSpec:
 
 @dataclass
 class GenerationRequest:
-    """One prompt about one image."""
+    """One prompt about one image; ``output_schema``: the JSON schema the answer must match
+    (engines that can constrain decoding use it, the captioner checks every answer)."""
 
     image: Image.Image
     prompt: str
+    output_schema: dict[str, Any] | None = None
 
 
 @dataclass
 class Generation:
-    """The text generated for one request, and how many tokens it took."""
+    """The text generated for one request, and how many tokens it took.
+
+    ``error`` is set instead of raising when an engine knows which single request failed
+    (a remote endpoint answering 400, or out of retries): raising would make the captioner
+    bisect and send the batch's other requests again.
+    """
 
     text: str
     tokens: int = 0
+    error: str | None = None
 
 
 class Engine(Protocol):

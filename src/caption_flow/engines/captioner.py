@@ -24,6 +24,7 @@ from caption_flow.engines.base import (
     Generation,
     GenerationRequest,
 )
+from caption_flow.engines.checks import EMPTY, caption_problem
 from caption_flow.engines.factory import EngineKind, load_engine
 from caption_flow.engines.prompts import render_prompt
 from caption_flow.engines.spec import spec_from_job
@@ -152,7 +153,7 @@ class Captioner:
             if not alive:
                 break
             engine = self._engine(specs[stage.name])
-            self._run_stage(engine, stage, stage.sampling or job.sampling, batch, states, alive)
+            self._run_stage(engine, stage, job, batch, states, alive)
         return [
             CaptionOutput(outputs={} if s.error else s.outputs, error=s.error, tokens=s.tokens)
             for s in states
@@ -162,21 +163,26 @@ class Captioner:
         self,
         engine: Engine,
         stage: StageConfig,
-        sampling: SamplingConfig,
+        job: ModelConfig,
         batch: Sequence[CaptionInput],
         states: list[_ItemState],
         alive: list[int],
     ) -> None:
-        """All (image, prompt) pairs of the stage go to the engine in one call."""
+        """All (image, prompt) pairs of the stage go to the engine in one call; the answers
+        that fail a semantic check go again in one more call (see :meth:`_retry`)."""
+        schema = stage.output_schema if stage.output_schema is not None else job.output_schema
         owners: list[int] = []
         requests: list[GenerationRequest] = []
+        values: dict[int, dict[str, object]] = {}
         for index in alive:
             item = batch[index]
-            values = {**item.columns, **states[index].outputs}
+            values[index] = {**item.columns, **states[index].outputs}
             for template in stage.prompts:
                 owners.append(index)
-                requests.append(GenerationRequest(item.image, render_prompt(template, values)))
-        results = self._generate(engine, requests, sampling)
+                prompt = render_prompt(template, values[index])
+                requests.append(GenerationRequest(item.image, prompt, output_schema=schema))
+        results = self._generate(engine, requests, stage.sampling or job.sampling)
+        self._retry(engine, stage, job, requests, [values[i] for i in owners], results)
         texts: dict[int, list[str]] = {index: [] for index in alive}
         for index, result in zip(owners, results, strict=True):
             state = states[index]
@@ -192,6 +198,53 @@ class Captioner:
             if states[index].error is None:
                 states[index].outputs[stage.output_field] = texts[index]
 
+    def _retry(
+        self,
+        engine: Engine,
+        stage: StageConfig,
+        job: ModelConfig,
+        requests: list[GenerationRequest],
+        values: list[dict[str, object]],
+        results: list[_Result],
+    ) -> None:
+        """One semantic retry, in place: an empty, refused, invalid or schema-breaking answer
+        is asked again with the retry prompt and sampling. An answer still bad after it
+        becomes the item's failure reason; one still empty stays "" (an item with no text
+        at all is failed downstream)."""
+        schema = requests[0].output_schema if requests else None
+        problems: dict[int, str] = {}
+        for position, result in enumerate(results):
+            if isinstance(result, Generation):
+                problem = caption_problem(result.text, job.refusal_markers, schema)
+                if problem is not None:
+                    problems[position] = problem
+        if not problems:
+            return
+        template = stage.retry_prompt or job.retry_prompt
+        sampling = stage.retry_sampling or job.retry_sampling or stage.sampling or job.sampling
+        again = [
+            GenerationRequest(
+                requests[p].image,
+                render_prompt(template, values[p]) if template else requests[p].prompt,
+                output_schema=schema,
+            )
+            for p in problems
+        ]
+        logger.info("retrying %d answer(s) that failed a check", len(again))
+        for (position, first), second in zip(
+            problems.items(), self._generate(engine, again, sampling), strict=True
+        ):
+            previous = results[position]
+            spent = previous.tokens if isinstance(previous, Generation) else 0
+            if isinstance(second, str):
+                results[position] = f"{first}; the retry failed: {second}"
+                continue
+            problem = caption_problem(second.text, job.refusal_markers, schema)
+            if problem is None or problem == EMPTY:
+                results[position] = Generation(second.text, spent + second.tokens)
+            else:
+                results[position] = f"{problem} (after a retry)"
+
     def _generate(
         self, engine: Engine, requests: list[GenerationRequest], sampling: SamplingConfig
     ) -> list[_Result]:
@@ -201,7 +254,8 @@ class Captioner:
         :func:`unavailable`) is raised at once as EngineUnavailableError, at any depth.
         """
         try:
-            return list(self._checked(engine, requests, sampling))
+            # A Generation with an error is that one request's failure, known without bisecting.
+            return [g.error or g for g in self._checked(engine, requests, sampling)]
         except Exception as exc:  # engines raise EngineError; anything else is recorded too
             if unavailable(exc):
                 raise EngineUnavailableError(

@@ -10,7 +10,7 @@ from caption_flow.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
-EngineKind = Literal["auto", "transformers", "vllm"]
+EngineKind = Literal["auto", "transformers", "vllm", "openai"]
 
 
 def vllm_usable() -> bool:
@@ -27,18 +27,21 @@ def vllm_usable() -> bool:
     return True
 
 
-def resolve_kind(kind: EngineKind) -> Literal["transformers", "vllm"]:
+def resolve_kind(kind: EngineKind) -> Literal["transformers", "vllm", "openai"]:
     """``auto`` becomes vLLM on a CUDA machine with vLLM installed, else transformers."""
     if kind == "auto":
         return "vllm" if vllm_usable() else "transformers"
-    if kind not in ("transformers", "vllm"):
-        raise EngineError(f"unknown engine {kind!r}; use auto, transformers or vllm")
+    if kind not in ("transformers", "vllm", "openai"):
+        raise EngineError(f"unknown engine {kind!r}; use auto, transformers, vllm or openai")
     return kind
 
 
 def load_engine(kind: EngineKind, spec: EngineSpec) -> Engine:
     """Load ``spec.model`` with the chosen engine; raises EngineError when it cannot."""
     chosen = resolve_kind(kind)
+    if chosen == "openai":
+        # Its endpoints are worker settings: the worker passes openai_engine.openai_loader.
+        raise EngineError("the openai engine is loaded from the worker's endpoints")
     if chosen == "vllm":
         try:
             from caption_flow.engines.vllm_engine import VLLMEngine

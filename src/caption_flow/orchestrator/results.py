@@ -9,6 +9,7 @@ session's token.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,27 +30,38 @@ CAPTION_SLACK_CHARS = 256
 
 @dataclass(frozen=True)
 class JobRules:
-    """What a job's results may contain: entries per output field, and caption length."""
+    """What a job's results may contain: entries per output field, and caption length;
+    ``json_fields``: the fields whose stage has an ``output_schema`` (their non-empty
+    entries must be JSON)."""
 
     fields: dict[str, int]
     max_caption_chars: int
+    json_fields: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, job: ModelConfig) -> JobRules:
         fields: dict[str, int] = {}
+        json_fields: set[str] = set()
         max_tokens = job.sampling.max_tokens
+        if job.retry_sampling is not None:
+            max_tokens = max(max_tokens, job.retry_sampling.max_tokens)
         for stage in job_stages(job):
             fields[stage.output_field] = fields.get(stage.output_field, 0) + len(stage.prompts)
-            if stage.sampling is not None:
-                max_tokens = max(max_tokens, stage.sampling.max_tokens)
-        return cls(fields, max_tokens * CHARS_PER_TOKEN + CAPTION_SLACK_CHARS)
+            for sampling in (stage.sampling, stage.retry_sampling):
+                if sampling is not None:
+                    max_tokens = max(max_tokens, sampling.max_tokens)
+            if (stage.output_schema or job.output_schema) is not None:
+                json_fields.add(stage.output_field)
+        chars = max_tokens * CHARS_PER_TOKEN + CAPTION_SLACK_CHARS
+        return cls(fields, chars, frozenset(json_fields))
 
     def merged(self, other: JobRules) -> JobRules:
         """Either job's results pass: a worker finishes its batch on the job it started."""
         fields = dict(self.fields)
         for name, count in other.fields.items():
             fields[name] = max(fields.get(name, 0), count)
-        return JobRules(fields, max(self.max_caption_chars, other.max_caption_chars))
+        chars = max(self.max_caption_chars, other.max_caption_chars)
+        return JobRules(fields, chars, self.json_fields & other.json_fields)
 
 
 def check_items(items: Iterable[ItemResult], rules: JobRules) -> str | None:
@@ -69,7 +81,18 @@ def check_items(items: Iterable[ItemResult], rules: JobRules) -> str | None:
                         f"item {item.item_id}: a {name!r} entry of {len(text)} characters "
                         f"(the job allows {rules.max_caption_chars})"
                     )
+                if name in rules.json_fields and text and not is_json(text):
+                    return f"item {item.item_id}: a {name!r} entry is not valid JSON"
     return None
+
+
+def is_json(text: str) -> bool:
+    """True when ``text`` parses as JSON; hostile nesting depth is a no, not a crash."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def first_per_id(items: Iterable[ItemResult]) -> dict[int, ItemResult]:

@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from caption_flow.config.models import DatasetConfig, ImageConfig, ModelConfig, WorkerConfig
 from caption_flow.engines.captioner import Captioner
+from caption_flow.engines.openai_engine import openai_loader, worker_model
 from caption_flow.errors import AuthError, EngineUnavailableError, ProtocolError, SourceError
 from caption_flow.images.pool import DecodePool
 from caption_flow.protocol.connection import CLOSE_BAD_TOKEN, ClientConnection
@@ -63,7 +64,10 @@ class Worker:
     def __init__(self, config: WorkerConfig, captioner: Captioner | None = None) -> None:
         self.config = config
         self.captioner = captioner or Captioner(
-            config.engine, model_override=config.model, precision=config.precision
+            config.engine,
+            model_override=worker_model(config),
+            precision=config.precision,
+            loader=openai_loader(config) if config.engine == "openai" else None,
         )
         self.limit = BatchLimit()  # the effective batch size, halved by engine failures
         self.outbox = Outbox()

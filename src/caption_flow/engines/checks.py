@@ -1,0 +1,67 @@
+"""Semantic checks of one caption: empty, refused, not JSON, or not what the schema says.
+
+The captioner retries a caption that fails a check once (with the job's ``retry_prompt`` and
+``retry_sampling``), so every engine gets the same rules. Pure functions, no engine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import jsonschema
+
+from caption_flow.errors import ConfigError
+
+EMPTY = "empty caption"
+_MAX_DETAIL_CHARS = 200
+
+
+@lru_cache(maxsize=32)
+def _validator(schema_text: str) -> Any:
+    schema = json.loads(schema_text)
+    cls = jsonschema.validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(f"output_schema is not a valid JSON schema: {exc.message}") from exc
+    return cls(schema)
+
+
+def schema_problem(text: str, schema: dict[str, Any]) -> str | None:
+    """Why ``text`` is not a JSON document matching ``schema``, or None when it is.
+
+    Raises ConfigError when the schema itself is invalid (the job is wrong, not the item).
+    """
+    validator = _validator(json.dumps(schema, sort_keys=True))
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return f"invalid JSON: {exc}"[:_MAX_DETAIL_CHARS]
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+    return f"JSON breaks the schema at {where}: {error.message}"[:_MAX_DETAIL_CHARS]
+
+
+def caption_problem(
+    text: str, refusal_markers: Sequence[str], schema: dict[str, Any] | None
+) -> str | None:
+    """Why ``text`` is not a usable caption (:data:`EMPTY` for no text), or None.
+
+    A refusal is a caption that *starts* with a marker (case-insensitive): a caption that
+    merely mentions "I cannot" later on is not one.
+    """
+    stripped = text.strip()
+    if not stripped:
+        return EMPTY
+    lowered = stripped.lower()
+    for marker in refusal_markers:
+        if marker.strip() and lowered.startswith(marker.strip().lower()):
+            return f"refused ({marker.strip()!r})"
+    if schema is not None:
+        return schema_problem(stripped, schema)
+    return None
