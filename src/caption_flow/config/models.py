@@ -354,6 +354,11 @@ class WorkerConfig(_Strict):
     dataset_path: str | None = Field(
         None, description="where this worker sees the dataset, if not at the orchestrator's path"
     )
+    read_dataset: Literal["auto", "yes", "no"] = Field(
+        "auto",
+        description="read the dataset here, or get the items' bytes from the orchestrator "
+        "over the connection (no); auto: yes when the dataset's path exists here or is a URL",
+    )
     prefetch_chunks: int = Field(1, ge=0, description="chunks to hold beyond the current one")
     prefetch_items: int | None = Field(
         None,

@@ -32,6 +32,7 @@ from caption_flow.orchestrator.admin import AdminDesk
 from caption_flow.orchestrator.auth import Authenticator, check_exposure
 from caption_flow.orchestrator.dataset_index import build_book, sync_chunks
 from caption_flow.orchestrator.http import answer_http
+from caption_flow.orchestrator.items import ItemServer
 from caption_flow.orchestrator.leaderboard import Leaderboard
 from caption_flow.orchestrator.leases import ChunkBook
 from caption_flow.orchestrator.limits import ByteBudget, TokenBucket
@@ -44,6 +45,7 @@ from caption_flow.orchestrator.workers import WorkerDesk
 from caption_flow.protocol.connection import ServerConnection
 from caption_flow.protocol.messages import (
     ConfigUpdate,
+    Fetch,
     Heartbeat,
     Message,
     Release,
@@ -88,6 +90,7 @@ class Orchestrator:
         self.leaderboard = Leaderboard(self.store)
         self.book: ChunkBook | None = None
         self.desk: WorkerDesk | None = None
+        self.items: ItemServer | None = None  # items over the connection
         self.sessions: dict[str, Session] = {}
         self.started_at = time.time()
         self.activity = ActivityLog()  # what monitors show of the recent past
@@ -130,6 +133,9 @@ class Orchestrator:
             activity=self.activity,
         )
         self.store.on_quarantine = self.desk.requeue
+        self.items = ItemServer(
+            lambda: self.dataset, self.config.storage.data_dir, self.desk.leased_keys
+        )
         log.info(
             "dataset %s: %d items in %d chunks (%d new) listed in %.2fs",
             self.config.dataset.path,
@@ -345,6 +351,8 @@ class Orchestrator:
             self.desk.on_heartbeat(session, message)
         elif isinstance(message, Release):
             await self.desk.on_release(session, message.chunk_id, message.reason)
+        elif isinstance(message, Fetch) and self.items is not None:
+            await self.items.on_fetch(session, message)
         elif await self.admin.dispatch(session, message):
             pass
         elif isinstance(message, Requeue):

@@ -112,6 +112,17 @@ class WorkerDesk:
             deadline=time.time() + (lease.deadline - time.monotonic()),
         )
 
+    def leased_keys(self, session: Session, chunk_id: str) -> tuple[str, set[str]] | None:
+        """A chunk's shard and the keys of its items still leased to ``session`` (what it
+        may fetch over the connection), or None when the chunk is not leased to it."""
+        chunk = self.book.chunks.get(chunk_id)
+        if chunk is None or chunk.status is not ChunkStatus.LEASED:
+            return None
+        if chunk.holder != session.session_id:
+            return None
+        keys = self._lease_keys.get(chunk_id)
+        return (chunk.shard, set(keys.values())) if keys is not None else None
+
     async def resume(self, session: Session, held: list[str]) -> list[str]:
         """Give a reconnecting worker back the chunks it held, where that is still its own."""
         resumed = []

@@ -20,9 +20,11 @@ from caption_flow.protocol.messages import (
     Assign,
     ConfigUpdate,
     ErrorMsg,
+    Fetch,
     GetStats,
     Heartbeat,
     Hello,
+    Items,
     ListTokens,
     Message,
     Reject,
@@ -45,7 +47,7 @@ CLOSE_VERSION = 4426
 
 # What each role may send once the handshake is done.
 ALLOWED_FROM: dict[str, tuple[type, ...]] = {
-    "worker": (Request, Results, Heartbeat, Release),
+    "worker": (Request, Results, Heartbeat, Release, Fetch),
     "dataworker": (Heartbeat,),
     "monitor": (Heartbeat, GetStats),
     "admin": (
@@ -69,6 +71,7 @@ ALLOWED_TO_CLIENT: tuple[type, ...] = (
     Stats,
     ErrorMsg,
     AdminResult,
+    Items,
 )
 
 

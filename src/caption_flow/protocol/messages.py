@@ -235,6 +235,40 @@ class Stats(_Msg, tag="stats"):
     snapshot: dict[str, Any]
 
 
+MAX_FETCH_KEYS = 256
+MAX_ITEM_BYTES = 512 * 1024 * 1024
+MAX_COLUMN_CHARS = 64 * 1024
+ColumnValue = Annotated[str, msgspec.Meta(max_length=MAX_COLUMN_CHARS)] | int | float | bool
+
+
+class Fetch(_Msg, tag="fetch"):
+    """Worker to orchestrator: send me these items of a chunk leased to me (a worker that
+    cannot read the dataset). One fetch at a time: the next goes only after the last
+    ``items`` reply arrived, which is the back-pressure."""
+
+    chunk_id: ChunkId
+    keys: Annotated[list[Key], msgspec.Meta(min_length=1, max_length=MAX_FETCH_KEYS)]
+
+
+class ItemData(msgspec.Struct, omit_defaults=True, gc=False):
+    """One item's bytes as the orchestrator read them, or why it could not."""
+
+    key: Key
+    data: Annotated[bytes, msgspec.Meta(max_length=MAX_ITEM_BYTES)] | None = None
+    error: Reason | None = None
+    columns: Annotated[dict[StatName, ColumnValue], msgspec.Meta(max_length=MAX_STATS)] = {}
+
+
+class Items(_Msg, tag="items"):
+    """Orchestrator to worker: items of one fetch, in order, split over several replies
+    when large; ``last`` ends the fetch. ``error``: the whole fetch was refused."""
+
+    chunk_id: str
+    items: list[ItemData] = []
+    last: bool = True
+    error: str | None = None
+
+
 class ErrorMsg(_Msg, tag="error"):
     """A refusal that does not close the connection."""
 
@@ -263,6 +297,8 @@ Message = (
     | ListTokens
     | GetStats
     | AdminResult
+    | Fetch
+    | Items
 )
 
 _encoder = msgspec.msgpack.Encoder()

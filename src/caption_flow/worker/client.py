@@ -39,9 +39,11 @@ from caption_flow.protocol.messages import (
     Assign,
     ChunkLease,
     ConfigUpdate,
+    Fetch,
     Heartbeat,
     Hello,
     ItemResult,
+    Items,
     Reject,
     Release,
     Request,
@@ -52,6 +54,7 @@ from caption_flow.sources import open_source
 from caption_flow.sources.base import Source
 from caption_flow.worker.outbox import AckLog, Outbox
 from caption_flow.worker.pipeline import Backoff, BatchLimit, ChunkPipeline, EngineClock
+from caption_flow.worker.remote_source import RemoteSource, reads_dataset
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ class Worker:
         self.job: ModelConfig | None = None
         self.dataset: DatasetConfig | None = None
         self.source: Source | None = None
+        self.remote: RemoteSource | None = None  # set while items come over the connection
         self.clock = EngineClock()
         self.lease_seconds = float("inf")
         self.job_heartbeat_seconds = float("inf")  # the orchestrator's wish, if it said one
@@ -236,6 +240,8 @@ class Worker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.remote is not None:
+                self.remote.connection_lost()
 
     async def _on_message(self, message: Any) -> None:
         if isinstance(message, Ack):
@@ -276,6 +282,9 @@ class Worker:
             else:
                 self._idle_logged = None
                 self._want_work.set()
+        elif isinstance(message, Items):
+            if self.remote is not None:
+                self.remote.on_items(message)
         elif isinstance(message, ConfigUpdate):
             self._apply_job(message.config)
             log.info("job updated by the orchestrator; applies from the next batch")
@@ -310,8 +319,30 @@ class Worker:
         dataset = DatasetConfig.model_validate(settings)
         if dataset != self.dataset:
             self.dataset = dataset
-            self.source = open_source(dataset, path_override=self.config.dataset_path)
+            if self._reads_dataset():
+                self.source = open_source(dataset, path_override=self.config.dataset_path)
+                self.remote = None
+            else:
+                log.info("the dataset is not readable here: items come from the orchestrator")
+                self.remote = RemoteSource(asyncio.get_running_loop(), self._send_fetch)
         self._ready.set()
+
+    def _reads_dataset(self) -> bool:
+        """The worker's read_dataset setting; "auto" looks at the dataset once it is known."""
+        if self.config.read_dataset != "auto":
+            return self.config.read_dataset == "yes"
+        if self.dataset is None:
+            return True
+        return reads_dataset(self.dataset, self.config.dataset_path)
+
+    async def _send_fetch(self, message: Fetch) -> None:
+        ws = self._ws
+        if ws is None:
+            raise SourceError("not connected: cannot fetch items")
+        try:
+            await ws.send(encode(message))
+        except ConnectionClosed:
+            raise SourceError("connection lost while fetching items") from None
 
     def _held_chunks(self) -> list[str]:
         held = {c.chunk_id for c in self.queue._queue}  # type: ignore[attr-defined]
@@ -359,6 +390,7 @@ class Worker:
         }
         if self.config.gpu_id is not None:
             capabilities["gpu_id"] = self.config.gpu_id
+        capabilities["reads_dataset"] = self._reads_dataset()
         return capabilities
 
     def heartbeat_stats(self, elapsed: float, items: int) -> dict[str, float]:
@@ -460,9 +492,10 @@ class Worker:
                 await self._ws.close()
 
     async def _caption_chunk(self, chunk: ChunkLease) -> None:
-        assert self.source is not None
+        source = self.remote.for_chunk(chunk.chunk_id) if self.remote is not None else self.source
+        assert source is not None
         pipeline = ChunkPipeline(
-            self.source,
+            source,
             self.captioner,
             self._decode_pool,
             self._engine_thread,
