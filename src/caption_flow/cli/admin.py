@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import json
 import secrets
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from caption_flow.protocol.messages import (
     Stats,
     encode,
 )
+from caption_flow.security.client_tls import client_ssl_context
 
 CONNECT_TIMEOUT_S = 10.0
 ANSWER_TIMEOUT_S = 60.0
@@ -89,23 +89,13 @@ def _read_mapping(path: Path | None) -> dict[str, Any]:
     return data
 
 
-def _ssl_context(config: MonitorConfig) -> ssl.SSLContext | None:
-    if not config.server.startswith("wss://"):
-        return None
-    context = ssl.create_default_context()
-    if not config.verify_ssl:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 async def request(config: MonitorConfig, role: str, message: Message) -> Message:
     """Say hello as ``role``, send ``message`` and return the answer (an AdminResult, Stats
     or ErrorMsg). Raises AuthError for a refused token, ProtocolError when unreachable."""
     try:
         async with connect(
             config.server,
-            ssl=_ssl_context(config),
+            ssl=client_ssl_context(config.server, config.verify_ssl),
             open_timeout=CONNECT_TIMEOUT_S,
             compression=None,
             max_size=64 * 1024 * 1024,

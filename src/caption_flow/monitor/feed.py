@@ -24,21 +24,12 @@ from caption_flow.errors import AuthError, ProtocolError
 from caption_flow.monitor.model import Link
 from caption_flow.protocol.connection import ClientConnection
 from caption_flow.protocol.messages import Hello, Stats, encode
+from caption_flow.security.client_tls import client_ssl_context
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
 REFUSED_CODES = (4001, 4003, 4426)  # bad token, wrong role, protocol version: final
-
-
-def ssl_context(config: MonitorConfig) -> ssl.SSLContext | None:
-    if not config.server.startswith("wss://"):
-        return None
-    context = ssl.create_default_context()
-    if not config.verify_ssl:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def refusal(exc: ConnectionClosed) -> str | None:
@@ -110,7 +101,7 @@ class StatsFeed:
     async def _session(self) -> None:
         async with connect(
             self.config.server,
-            ssl=ssl_context(self.config),
+            ssl=client_ssl_context(self.config.server, self.config.verify_ssl),
             open_timeout=CONNECT_TIMEOUT_S,
             compression=None,
         ) as ws:
@@ -132,7 +123,7 @@ async def fetch_snapshot(config: MonitorConfig) -> dict[str, Any]:
     try:
         async with connect(
             config.server,
-            ssl=ssl_context(config),
+            ssl=client_ssl_context(config.server, config.verify_ssl),
             open_timeout=CONNECT_TIMEOUT_S,
             compression=None,
         ) as ws:

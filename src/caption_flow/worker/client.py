@@ -50,6 +50,7 @@ from caption_flow.protocol.messages import (
     Welcome,
     encode,
 )
+from caption_flow.security.client_tls import client_ssl_context
 from caption_flow.sources import open_source
 from caption_flow.sources.base import Source
 from caption_flow.worker.outbox import AckLog, Outbox
@@ -143,7 +144,7 @@ class Worker:
                     compression=None,
                     ping_interval=20,
                     ping_timeout=60,
-                    ssl=self._ssl_context(),
+                    ssl=client_ssl_context(self.config.server, self.config.verify_ssl),
                     open_timeout=10,
                 ) as ws:
                     self._ws = ws
@@ -182,15 +183,6 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopped.wait(), delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, self.config.reconnect_max_seconds)
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        if not self.config.server.startswith("wss://"):
-            return None
-        context = ssl.create_default_context()
-        if not self.config.verify_ssl:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
 
     def _done(self) -> bool:
         return self.stopped.is_set() or (
