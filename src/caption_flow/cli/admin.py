@@ -9,7 +9,6 @@ A refusal is an error (exit 2); nothing here holds logic the orchestrator does n
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import secrets
 from pathlib import Path
@@ -19,33 +18,27 @@ import click
 import yaml
 from rich.console import Console
 from rich.table import Table
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from caption_flow.cli.configs import monitor_config
 from caption_flow.cli.logs import verbose_option
 from caption_flow.config.discovery import find_config_or_section, load_file, validate
 from caption_flow.config.models import AdminConfig, MonitorConfig, OrchestratorFile
 from caption_flow.errors import AuthError, CaptionFlowError, ConfigError, ProtocolError
-from caption_flow.protocol.connection import ClientConnection
+from caption_flow.orchestrator.auth import hash_token
+from caption_flow.orchestrator_client import request
 from caption_flow.protocol.messages import (
     AddToken,
     AdminResult,
     ErrorMsg,
     GetStats,
-    Hello,
     ListTokens,
     Message,
     ReloadConfig,
     RevokeToken,
     SetConfig,
     Stats,
-    encode,
 )
-from caption_flow.security.client_tls import client_ssl_context
 
-CONNECT_TIMEOUT_S = 10.0
-ANSWER_TIMEOUT_S = 60.0
 ROLES = ("worker", "monitor", "admin", "dataworker")
 
 
@@ -89,38 +82,6 @@ def _read_mapping(path: Path | None) -> dict[str, Any]:
     return data
 
 
-async def request(config: MonitorConfig, role: str, message: Message) -> Message:
-    """Say hello as ``role``, send ``message`` and return the answer (an AdminResult, Stats
-    or ErrorMsg). Raises AuthError for a refused token, ProtocolError when unreachable."""
-    try:
-        async with connect(
-            config.server,
-            ssl=client_ssl_context(config.server, config.verify_ssl),
-            open_timeout=CONNECT_TIMEOUT_S,
-            compression=None,
-            max_size=64 * 1024 * 1024,
-        ) as ws:
-            protocol = ClientConnection()
-            await ws.send(encode(Hello(role=role, token=config.token, name=f"cli-{role}")))  # type: ignore[arg-type]
-            protocol.receive(await ws.recv())
-            await ws.send(encode(message))
-            async with asyncio.timeout(ANSWER_TIMEOUT_S):
-                while True:
-                    answer = protocol.receive(await ws.recv())
-                    if isinstance(answer, AdminResult | Stats | ErrorMsg):
-                        return answer
-    except ConnectionClosed as exc:
-        code = exc.rcvd.code if exc.rcvd is not None else None
-        reason = exc.rcvd.reason if exc.rcvd is not None else "connection lost"
-        if code in (4001, 4003):
-            raise AuthError(f"orchestrator refused the {role} token ({code}): {reason}") from None
-        raise ProtocolError(f"connection to {config.server} closed: {reason}") from None
-    except InvalidURI as exc:
-        raise ProtocolError(f"bad server URL: {exc}") from None
-    except (OSError, TimeoutError, InvalidHandshake) as exc:
-        raise ProtocolError(f"cannot reach the orchestrator at {config.server}: {exc}") from None
-
-
 def admin_call(config: MonitorConfig, message: Message) -> AdminResult | Stats:
     answer = asyncio.run(request(config, "admin", message))
     if isinstance(answer, ErrorMsg):
@@ -150,10 +111,6 @@ def read_orchestrator_section(path: Path) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise ConfigError(f"{path} has no orchestrator section to reload")
     return section
-
-
-def hash_token(token: str) -> str:
-    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
 
 
 def connection_options(fn: Any) -> Any:

@@ -20,15 +20,15 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from caption_flow.config.models import MonitorConfig
-from caption_flow.errors import AuthError, ProtocolError
+from caption_flow.errors import ProtocolError
 from caption_flow.monitor.model import Link
+from caption_flow.orchestrator_client import CONNECT_TIMEOUT_S, request
 from caption_flow.protocol.connection import ClientConnection
-from caption_flow.protocol.messages import Hello, Stats, encode
+from caption_flow.protocol.messages import GetStats, Hello, Stats, encode
 from caption_flow.security.client_tls import client_ssl_context
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = 10.0
 REFUSED_CODES = (4001, 4003, 4426)  # bad token, wrong role, protocol version: final
 
 
@@ -120,26 +120,7 @@ class StatsFeed:
 async def fetch_snapshot(config: MonitorConfig) -> dict[str, Any]:
     """One snapshot, for scripts; raises AuthError when refused, ProtocolError when the
     orchestrator cannot be reached."""
-    try:
-        async with connect(
-            config.server,
-            ssl=client_ssl_context(config.server, config.verify_ssl),
-            open_timeout=CONNECT_TIMEOUT_S,
-            compression=None,
-        ) as ws:
-            protocol = ClientConnection()
-            await ws.send(encode(Hello(role="monitor", token=config.token, name="monitor")))
-            protocol.receive(await ws.recv())
-            while True:
-                message = protocol.receive(await ws.recv())
-                if isinstance(message, Stats):
-                    return message.snapshot
-    except ConnectionClosed as exc:
-        refused = refusal(exc)
-        if refused is not None:
-            raise AuthError(f"orchestrator refused the monitor: {refused}") from None
-        raise ProtocolError(f"connection to {config.server} closed: {exc}") from None
-    except InvalidURI as exc:
-        raise ProtocolError(f"bad server URL: {exc}") from None
-    except (OSError, TimeoutError, InvalidHandshake) as exc:
-        raise ProtocolError(f"cannot reach the orchestrator at {config.server}: {exc}") from None
+    answer = await request(config, "monitor", GetStats())
+    if not isinstance(answer, Stats):
+        raise ProtocolError(f"expected a snapshot, got {type(answer).__name__}")
+    return answer.snapshot
