@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
@@ -166,6 +168,23 @@ def stub_loader(engines: list[StubEngine], **kw: Any) -> Any:
         return engine
 
     return load
+
+
+CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``caption-flow ARGS`` as a real subprocess, output captured; the time-out scales."""
+    return subprocess.run(
+        [sys.executable, "-m", "caption_flow", *args],
+        cwd=cwd,
+        env=CLI_ENV if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout * TIME_UNIT,
+    )
 
 
 def free_port() -> int:

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import collections
 import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
-from support import TIME_UNIT, read_rows
+from support import read_rows, run_cli
 
 pytestmark = pytest.mark.timeout(300)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
-
-
-def caption_flow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "caption_flow", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=240 * TIME_UNIT,
-    )
+caption_flow = partial(run_cli, env=ENV, timeout=240)
 
 
 def test_run_with_flag_shortcuts(tmp_path: Path, tiny_model_dir: Path, image_folder) -> None:

@@ -10,19 +10,16 @@ import collections
 import json
 import os
 import random
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from support import TIME_UNIT, WORKER_TOKENS, read_rows
+from support import TIME_UNIT, WORKER_TOKENS, free_port, metric, read_rows
 
 from caption_flow import faults
 from caption_flow.storage.rows import NO_TEXT
@@ -31,23 +28,6 @@ from caption_flow.storage.state import StateDB
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 CHUNK_SIZE = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def items_done(port: int) -> int | None:
-    """The orchestrator's own count, from its /metrics endpoint; None while it is down."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except OSError:
-        return None
-    match = re.search(r"^captionflow_items_done ([0-9.e+]+)$", text, re.M)
-    return int(float(match.group(1))) if match else None
 
 
 class Cluster:
@@ -126,7 +106,7 @@ class Cluster:
             fault,
         )
         deadline = time.monotonic() + 30 * TIME_UNIT
-        while items_done(self.port) is None:
+        while metric(self.port, "items_done") is None:
             assert self.orchestrator.poll() is None, self.log("orchestrator")
             assert time.monotonic() < deadline, "orchestrator did not come up"
             time.sleep(0.05)
@@ -155,7 +135,7 @@ class Cluster:
 
     def wait_items_done(self, at_least: int, seconds: float) -> None:
         deadline = time.monotonic() + seconds * TIME_UNIT
-        while (items_done(self.port) or 0) < at_least:
+        while (metric(self.port, "items_done") or 0) < at_least:
             assert time.monotonic() < deadline, self.log("orchestrator")
             time.sleep(0.05)
 
@@ -263,7 +243,7 @@ def test_sigkill_orchestrator_and_worker_loses_and_duplicates_nothing(
         kills = 0
         while kills < 3:
             time.sleep(rng.uniform(0.3, 1.5) * TIME_UNIT)
-            done = items_done(cluster.port)
+            done = metric(cluster.port, "items_done")
             if done is not None and done >= len(images):
                 break
             cluster.kill(cluster.orchestrator)

@@ -14,10 +14,11 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
-from support import TIME_UNIT, orchestrator_config
+from support import TIME_UNIT, orchestrator_config, run_cli
 
 from caption_flow.errors import StorageError
 from caption_flow.orchestrator.server import Orchestrator
@@ -27,6 +28,7 @@ from caption_flow.storage.lock import LOCK_NAME, DataDirLock
 pytestmark = pytest.mark.timeout(120)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+caption_flow = partial(run_cli, env=ENV)
 
 
 async def started(data: Path, images: Path, **overrides: object) -> Orchestrator:
@@ -42,17 +44,6 @@ def identity_of(data: Path) -> dict[str, object]:
     finally:
         conn.close()
     return dict(json.loads(value))
-
-
-def caption_flow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "caption_flow", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60 * TIME_UNIT,
-    )
 
 
 async def test_another_dataset_is_refused_and_force_moves_the_old_run_aside(

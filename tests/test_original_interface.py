@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from support import (
     original_orchestrator_yaml,
     original_worker_yaml,
     read_rows,
+    run_cli,
     wait_until,
 )
 
@@ -33,17 +35,7 @@ ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_KVCACHE_SPACE": "1",
 }
-
-
-def caption_flow(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "caption_flow", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout * TIME_UNIT,
-    )
+caption_flow = partial(run_cli, env=ENV)
 
 
 def spawn(*args: str, cwd: Path, log: Path) -> subprocess.Popen[bytes]:

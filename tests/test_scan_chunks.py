@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from support import TIME_UNIT, caption_all, orchestrator_config, read_rows
+from support import TIME_UNIT, caption_all, orchestrator_config, read_rows, run_cli
 
 from caption_flow.cli.main import cli
 from caption_flow.config.models import OrchestratorConfig, StorageConfig
@@ -93,18 +93,11 @@ def scan_chunks(data_dir: Path, *args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+caption_flow = run_cli
+
+
 def summary(output: str) -> str:
     return next(line for line in output.splitlines() if line.startswith("scan-chunks"))
-
-
-def caption_flow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "caption_flow", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60 * TIME_UNIT,
-    )
 
 
 def test_a_finished_run_is_clean_with_the_original_command_line(data: Path) -> None:
