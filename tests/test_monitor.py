@@ -26,8 +26,17 @@ from websockets.asyncio.client import connect
 from caption_flow.config.models import MonitorConfig
 from caption_flow.monitor import MonitorApp, as_text
 from caption_flow.monitor.activity import ActivityTable
+from caption_flow.monitor.app import SnapshotReceived
+from caption_flow.monitor.buffer import BufferPanel
 from caption_flow.monitor.link import LinkStatus
-from caption_flow.monitor.model import Link, throughput, worker_columns, worker_rows
+from caption_flow.monitor.model import (
+    Link,
+    buffer,
+    buffer_line,
+    throughput,
+    worker_columns,
+    worker_rows,
+)
 from caption_flow.monitor.progress import ProgressPanel
 from caption_flow.monitor.workers import WorkersTable
 from caption_flow.orchestrator.activity import (
@@ -169,6 +178,7 @@ def test_view_model_rows_and_plain_text() -> None:
     assert list(rows) == ["aaa111", "bbb222"]  # the monitor's own session is no worker
     assert rows["aaa111"] == [
         "gpu-box-0",
+        "caption",
         "alice",
         "vllm / Qwen/Qwen2.5-VL-3B",
         "cuda:0",
@@ -189,10 +199,86 @@ def test_view_model_rows_and_plain_text() -> None:
     assert "items done: 420 of 1000 (42.0%)" in text
     assert "chunks: pending 100, leased 4, done 84, failed 1" in text
     assert "eta: 3m 27s" in text and "gpu-box-0" in text
+    assert "prepared buffer" not in text  # an orchestrator without the buffer: nothing shown
     # Leaderboard: largest first; max_activity_items bounds the activity section.
     assert text.index("\nalice\t") < text.index("\nbob\t")
     one = as_text(FIXED, MonitorConfig(max_activity_items=1, show_quality_metrics=False))
     assert "job updated" in one and "gpu-box-0 (alice)" not in one and "failed:" not in one
+
+
+MiB = 2**20
+# The same run with a dataworker feeding the orchestrator's prepared-item buffer.
+WITH_DATA: dict[str, Any] = {
+    **FIXED,
+    "sessions": [
+        *FIXED["sessions"],
+        {
+            "session": "ddd444",
+            "name": "loader-1",
+            "role": "dataworker",
+            "contributor": "carol",
+            "engine": "",
+            "model": "",
+            "gpu": "",
+            "items_per_s": 41.5,
+            "mb_per_s": 12.34,
+            "prepared": 5120,
+            "items_done": 0,  # it captions nothing: never shown as its done count
+            "current_chunk": "shard-0004:20",
+            "heartbeat_age_s": 0.4,
+        },
+    ],
+    "prepared": {
+        "items": 1234,
+        "memory_bytes": 16 * MiB,
+        "memory_limit": 64 * MiB,
+        "disk_bytes": 300 * MiB,
+        "disk_limit": 1024 * MiB,
+        "relayed": 5000,
+        "served": 12,
+        "dataworkers": 1,
+    },
+}
+
+
+def test_dataworker_rows_say_what_they_prepare() -> None:
+    config = MonitorConfig()
+    rows = worker_rows(WITH_DATA, config)
+    assert list(rows) == ["aaa111", "bbb222", "ddd444"]
+    columns = worker_columns(config)
+    data = dict(zip(columns, rows["ddd444"], strict=True))
+    assert data["role"] == "data" and rows["aaa111"][1] == "caption"
+    assert data["engine / model"] == "prepares: 12.3 MB/s out"
+    assert data["items/s"] == "41.50"  # prepared images per second
+    assert data["done"] == "5,120"  # items prepared, not its (zero) caption count
+    assert (data["busy"], data["queued"], data["unacked"]) == ("", "", "")
+    assert (data["chunk"], data["heartbeat"]) == ("shard-0004:20", "0s ago")
+    # Without its MB/s yet (no heartbeat): blanks, still no caption figures.
+    quiet = {"session": "e", "name": "new", "role": "dataworker", "items_done": 3}
+    row = dict(zip(columns, worker_rows({"sessions": [quiet]}, config)["e"], strict=True))
+    assert (row["role"], row["engine / model"], row["items/s"], row["done"]) == ("data", "", "", "")
+
+
+def test_buffer_line_only_when_the_orchestrator_reports_it() -> None:
+    assert buffer(FIXED) is None and buffer({**FIXED, "prepared": None}) is None
+    b = buffer(WITH_DATA)
+    assert b is not None and b.items == 1234 and b.dataworkers == 1
+    line = (
+        "prepared buffer: 1,234 items, 16.0 MiB / 64.0 MiB (25%) in memory, "
+        "300.0 MiB / 1,024.0 MiB (29%) on disk; relayed 5,000, served by orchestrator 12; "
+        "1 dataworker"
+    )
+    assert buffer_line(b) == line
+    text = as_text(WITH_DATA, MonitorConfig())
+    assert line in text.splitlines()
+    assert "loader-1\tdata\tcarol\tprepares: 12.3 MB/s out" in text
+    # Keys it lacks read as zero; no ceiling, no percentage.
+    partial = buffer({"prepared": {"items": 3, "dataworkers": 2}})
+    assert partial is not None
+    assert buffer_line(partial) == (
+        "prepared buffer: 3 items, 0.0 MiB / 0.0 MiB in memory, 0.0 MiB / 0.0 MiB on disk; "
+        "relayed 0, served by orchestrator 0; 2 dataworkers"
+    )
 
 
 # -- layout: SVG snapshots of a fixed snapshot ----------------------------------------------
@@ -239,10 +325,38 @@ def test_layout_refused(snap_compare: Any, utc: None) -> None:
     assert snap_compare(app, terminal_size=SIZE)
 
 
+def test_layout_with_a_dataworker_and_the_buffer(snap_compare: Any, utc: None) -> None:
+    app = MonitorApp(
+        MonitorConfig(server="ws://orchestrator.example:8765"), live=False, snapshot=WITH_DATA
+    )
+    app.view.set_link(Link.CONNECTED)
+    assert snap_compare(app, terminal_size=SIZE)
+
+
+async def test_buffer_panel_appears_with_the_key_and_goes_with_it() -> None:
+    """An orchestrator without the buffer shows no panel; one that starts reporting it (an
+    upgrade behind the same address) shows it at the next redraw, and its dataworker row."""
+    app = fixed_app(MonitorConfig(refresh_rate=0.05))
+    async with app.run_test(size=SIZE) as pilot:
+        panel = app.query_one(BufferPanel)
+        table = app.query_one(WorkersTable)
+        assert not panel.display and table.row_count == 2
+        app.post_message(SnapshotReceived(WITH_DATA))
+        await eventually(lambda: panel.display and table.row_count == 3, 5, "buffer shown")
+        await pilot.pause()
+        text = shown(panel)
+        assert "1,234 waiting; relayed 5,000, served by orchestrator 12; 1 dataworker" in text
+        assert "16.0 MiB / 64.0 MiB (25%)" in text and "300.0 MiB / 1,024.0 MiB (29%)" in text
+        assert table.get_row("ddd444")[:2] == ["loader-1", "data"]
+        assert str(table.border_title) == "workers (2) and dataworkers (1)"
+        app.post_message(SnapshotReceived(FIXED))
+        await eventually(lambda: not panel.display and table.row_count == 2, 5, "buffer gone")
+
+
 # -- live, against a real orchestrator and worker -------------------------------------------
 def shown(widget: Widget) -> str:
-    """The text a widget shows on screen now."""
-    width, height = widget.size
+    """The text a widget shows on screen now, its border included."""
+    width, height = widget.outer_size
     return "\n".join(strip.text for strip in widget.render_lines(Region(0, 0, width, height)))
 
 
@@ -282,9 +396,9 @@ async def test_monitor_shows_a_live_run_and_its_numbers_match_the_orchestrator(
 
             # The worker's row, with what its hello and heartbeats said.
             await eventually(heartbeat_shown, 30, "a worker row with a heartbeat")
-            assert seen[0][:3] == ["worker-alice", "alice", "transformers"]
+            assert seen[0][:4] == ["worker-alice", "caption", "alice", "transformers"]
             assert seen[0][-1].endswith("s ago")
-            assert {r[8] for r in seen} <= {*orch.book.chunks, ""}  # the chunk column
+            assert {r[9] for r in seen} <= {*orch.book.chunks, ""}  # the chunk column
             # The numbers move as items complete, then match the orchestrator's own.
             await eventually(lambda: "10 of 10 done" in shown(panel), 120, "all items shown")
             await asyncio.wait_for(task, 60 * TIME_UNIT)
@@ -296,6 +410,11 @@ async def test_monitor_shows_a_live_run_and_its_numbers_match_the_orchestrator(
             assert f"captioned  {truth['items_captioned']}" in text
             chunks = truth["chunks"]
             assert f"done {chunks['done']}" in text and f"pending {chunks['pending']}" in text
+            if "prepared" in truth:  # an orchestrator with the prepared-item buffer
+                b = truth["prepared"]
+                buffered = shown(app.query_one(BufferPanel))
+                assert f"{b['items']:,} waiting; relayed {b['relayed']:,}" in buffered
+                assert f"served by orchestrator {b['served']:,}" in buffered
             activity = shown(app.query_one(ActivityTable))
             assert "worker worker-alice (alice)" in activity  # its connection
             assert app.view.snapshot["history"]  # kept by the orchestrator, sent along

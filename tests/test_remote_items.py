@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import io
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from PIL import Image
 from support import (
     TIME_UNIT,
     WORKER_TOKENS,
@@ -21,6 +23,7 @@ from support import (
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from caption_flow.config.models import PrepareConfig
 from caption_flow.orchestrator.server import Orchestrator
 
 pytestmark = pytest.mark.timeout(180)
@@ -42,7 +45,14 @@ async def test_a_worker_without_the_dataset_captions_everything_through_the_orch
     images = image_folder(IMAGES)
     folder = images[0].parent
     nowhere = str(tmp_path / "not-here")
-    config = orchestrator_config(tmp_path / "remote", folder, tiny_model_dir, chunk_size=3)
+    # The orchestrator sends the dataset's bytes as they are (prepare.on_orchestrator off).
+    config = orchestrator_config(
+        tmp_path / "remote",
+        folder,
+        tiny_model_dir,
+        chunk_size=3,
+        prepare=PrepareConfig(on_orchestrator=False),
+    )
     workers, snapshot = await caption_all(config, read_dataset="no", dataset_path=nowhere)
     assert workers[0].remote is not None, "the worker read through the orchestrator"
     assert snapshot["items_done"] == IMAGES
@@ -119,15 +129,22 @@ async def test_fetches_outside_a_sessions_own_lease_are_refused(
             mine, theirs = await lease(alice), await lease(bob)
             my_keys = [ref[1] for ref in mine["items"]]
 
-            # Its own lease: every item's bytes, in order, exactly the file's bytes.
+            # Its own lease: every item, in order. A JPEG already within the job's size goes
+            # as it is; anything else is re-encoded as a JPEG, its original size given.
             await alice.send({"type": "fetch", "chunk_id": mine["chunk_id"], "keys": my_keys})
             reply = await alice.recv_type("items")
             assert reply.get("error") is None and reply.get("last", True)
             assert [i["key"] for i in reply["items"]] == my_keys
             folder = images[0].parent
-            assert [i["data"] for i in reply["items"]] == [
-                (folder / k).read_bytes() for k in my_keys
-            ]
+            for item in reply["items"]:
+                original = (folder / item["key"]).read_bytes()
+                with Image.open(io.BytesIO(original)) as im:
+                    size = im.size
+                if original[:2] == b"\xff\xd8":
+                    assert item["data"] == original
+                else:
+                    assert item["data"][:2] == b"\xff\xd8"
+                    assert (item["width"], item["height"]) == size
 
             # Another session's chunk, and keys outside its own lease: refused, nothing read.
             their_keys = [ref[1] for ref in theirs["items"]]

@@ -265,6 +265,40 @@ class DashboardConfig(_Strict):
     )
 
 
+class PrepareConfig(_Strict):
+    """Items prepared for workers that cannot read the dataset: shrunk to the job's
+    ``image`` size and re-encoded, by dataworkers or by the orchestrator itself."""
+
+    format: Literal["jpeg", "webp"] = Field("jpeg", description="encoding of prepared images")
+    quality: int = Field(90, ge=1, le=100, description="jpeg/webp quality of prepared images")
+    on_orchestrator: bool = Field(
+        True,
+        description="the orchestrator shrinks and re-encodes what it reads for a worker "
+        "itself; off: it sends the dataset's bytes as they are",
+    )
+    buffer_memory_mb: float = Field(
+        256.0, gt=0, description="prepared items kept in memory before spilling to disk"
+    )
+    buffer_disk_mb: float = Field(
+        4096.0, ge=0, description="prepared items spilled to data_dir/prepared/ at most"
+    )
+    max_item_mb: float = Field(
+        16.0, gt=0, description="largest prepared item a dataworker may send"
+    )
+    ahead_chunks: int = Field(
+        8, ge=0, description="chunks prepared ahead of those leased to workers"
+    )
+    wait_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="how long a worker's fetch waits for a dataworker preparing those items "
+        "before the orchestrator reads them itself",
+    )
+    lease_seconds: float = Field(
+        120.0, gt=0, description="a dataworker that sends nothing for this long loses its chunks"
+    )
+
+
 class OrchestratorConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(8765, ge=0, le=65535)
@@ -305,6 +339,7 @@ class OrchestratorConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     ssl: TLSConfig = TLSConfig()
     dashboard: DashboardConfig = DashboardConfig()
+    prepare: PrepareConfig = PrepareConfig()
 
     _legacy = model_validator(mode="before")(legacy.orchestrator_keys)
 

@@ -17,6 +17,7 @@ from textual.widgets import Footer, Header
 
 from caption_flow.config.models import MonitorConfig
 from caption_flow.monitor.activity import ActivityTable
+from caption_flow.monitor.buffer import BufferPanel
 from caption_flow.monitor.contributors import ContributorsTable
 from caption_flow.monitor.feed import StatsFeed
 from caption_flow.monitor.graph import ThroughputGraph
@@ -84,6 +85,7 @@ class MonitorApp(App[None]):
             graph = ThroughputGraph(id="graph-panel")
             graph.display = config.show_throughput_graph
             yield graph
+        yield BufferPanel(id="buffer")
         yield WorkersTable(self.view, id="workers")
         with Horizontal(id="bottom"):
             contributors = ContributorsTable(self.view, id="contributors")
@@ -121,6 +123,7 @@ class MonitorApp(App[None]):
         self._dirty = False
         self.query_one(ProgressPanel).show(self.view)
         self.query_one(ThroughputGraph).show(self.view)
+        self.query_one(BufferPanel).show(self.view)
         self.query_one(WorkersTable).show(self.view)
         self.query_one(ContributorsTable).show(self.view)
         self.query_one(ActivityTable).show(self.view)

@@ -128,21 +128,38 @@ def throughput(history: list[list[float]]) -> list[float]:
     return rates
 
 
+# The role column: what a row's items/s and done count. A worker's items are captioned, a
+# dataworker's are prepared (read and decoded for GPU workers), so its row says so.
+ROLE_LABELS = {"worker": "caption", "dataworker": "data"}
+
+
 def worker_columns(config: MonitorConfig) -> list[str]:
-    columns = ["worker", "contributor", "engine / model", "gpu"]
+    columns = ["worker", "role", "contributor", "engine / model", "gpu"]
     if config.show_worker_queues:
         columns += ["queued", "unacked"]
     return [*columns, "items/s", "busy", "chunk", "done", "heartbeat"]
 
 
 def worker_rows(snapshot: dict[str, Any], config: MonitorConfig) -> dict[str, list[str]]:
-    """One row per connected worker (and dataworker), keyed by session id."""
+    """One row per connected worker and dataworker, keyed by session id. A dataworker
+    captions nothing: its items/s is images prepared per second, its engine cell the MB/s
+    it sends, its done count the items it prepared."""
     rows: dict[str, list[str]] = {}
     for s in snapshot.get("sessions") or []:
-        if s.get("role") not in WORKER_ROLES:
+        role = s.get("role")
+        if role not in WORKER_ROLES:
             continue
+        data = role == "dataworker"
         engine = " / ".join(x for x in (s.get("engine"), s.get("model")) if x)
-        row = [str(s.get("name", "")), str(s.get("contributor", "")), engine, str(s.get("gpu", ""))]
+        if data and s.get("mb_per_s") is not None:
+            engine = f"prepares: {float(s['mb_per_s']):.1f} MB/s out"
+        row = [
+            str(s.get("name", "")),
+            ROLE_LABELS[role],
+            str(s.get("contributor", "")),
+            engine,
+            str(s.get("gpu", "")),
+        ]
         if config.show_worker_queues:
             queued = s.get("queued_chunks")
             if queued is not None and s.get("queued_items") is not None:
@@ -152,10 +169,10 @@ def worker_rows(snapshot: dict[str, Any], config: MonitorConfig) -> dict[str, li
             row.append(number(s.get("unacked")))
         rate, busy, age = s.get("items_per_s"), s.get("engine_busy"), s.get("heartbeat_age_s")
         row += [
-            "" if rate is None else f"{rate:.2f}",
-            "" if busy is None else f"{busy:.0%}",
+            "" if rate is None else f"{float(rate):.2f}",
+            "" if busy is None else f"{float(busy):.0%}",
             str(s.get("current_chunk") or ""),
-            number(s.get("items_done")),
+            number(s.get("prepared" if data else "items_done")),
             "none yet" if age is None else f"{duration(age)} ago",
         ]
         rows[str(s.get("session", s.get("name", "")))] = row
@@ -191,6 +208,55 @@ def contributor_rows(snapshot: dict[str, Any], config: MonitorConfig) -> dict[st
     return rows
 
 
+@dataclass(frozen=True)
+class Buffer:
+    """The orchestrator's buffer of prepared items (``prepared`` key; older orchestrators
+    have none)."""
+
+    items: int
+    memory_bytes: int
+    memory_limit: int
+    disk_bytes: int
+    disk_limit: int
+    relayed: int  # items sent on to GPU workers, prepared by dataworkers
+    served: int  # items the orchestrator read and prepared itself
+    dataworkers: int
+
+
+def buffer(snapshot: dict[str, Any]) -> Buffer | None:
+    raw = snapshot.get("prepared")
+    if not isinstance(raw, dict):
+        return None
+    return Buffer(**{name: int(raw.get(name) or 0) for name in Buffer.__dataclass_fields__})
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+def fill(used: int, limit: int) -> str:
+    """``12.0 MiB / 64.0 MiB (19%)``; no percentage without a ceiling."""
+    share = f" ({used / limit:.0%})" if limit > 0 else ""
+    return f"{mib(used)} / {mib(limit)}{share}"
+
+
+def buffer_counts(b: Buffer) -> str:
+    plural = "" if b.dataworkers == 1 else "s"
+    return (
+        f"relayed {b.relayed:,}, served by orchestrator {b.served:,}; "
+        f"{b.dataworkers} dataworker{plural}"
+    )
+
+
+def buffer_line(b: Buffer) -> str:
+    """The buffer in one line, for ``--once``."""
+    memory, disk = fill(b.memory_bytes, b.memory_limit), fill(b.disk_bytes, b.disk_limit)
+    return (
+        f"prepared buffer: {b.items:,} items, {memory} in memory, {disk} on disk; "
+        f"{buffer_counts(b)}"
+    )
+
+
 def activity_rows(snapshot: dict[str, Any], limit: int) -> list[list[str]]:
     """The newest ``limit`` activity entries, newest first."""
     entries = list(snapshot.get("activity") or [])[-limit:] if limit > 0 else []
@@ -213,6 +279,9 @@ def as_text(snapshot: dict[str, Any], config: MonitorConfig) -> str:
     lines.append(f"items/s: {p.rate:.2f} now, {p.rate_avg:.2f} average")
     lines.append(f"eta: {duration(p.eta_s)}")
     lines.append(f"workers: {p.workers}")
+    prepared = buffer(snapshot)
+    if prepared is not None:
+        lines.append(buffer_line(prepared))
     lines.append(f"model: {snapshot.get('model', '')}")
     sections = [
         ("workers", worker_columns(config), list(worker_rows(snapshot, config).values())),

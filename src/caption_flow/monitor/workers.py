@@ -1,4 +1,5 @@
-"""Connected workers: who, on what, how busy, holding which chunk, last heard when."""
+"""Connected workers and dataworkers: who, on what, how busy, holding which chunk, last heard
+when."""
 
 from __future__ import annotations
 
@@ -20,5 +21,8 @@ class WorkersTable(DataTable[str]):
 
     def show(self, view: MonitorView) -> None:
         rows = worker_rows(view.snapshot, view.config)
-        self.border_title = f"workers ({len(rows)})"
+        sessions = view.snapshot.get("sessions") or []
+        data = sum(1 for s in sessions if s.get("role") == "dataworker")
+        title = f"workers ({len(rows) - data})"
+        self.border_title = f"{title} and dataworkers ({data})" if data else title
         sync_rows(self, rows)

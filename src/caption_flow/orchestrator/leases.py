@@ -122,6 +122,16 @@ class ChunkBook:
             leases.append(self._grant(chunk, session, owner, now, missing))
         return leases
 
+    def upcoming(self, count: int) -> list[str]:
+        """The next ``count`` chunks the queue will lease (to prepare their items ahead)."""
+        ahead: list[str] = []
+        for chunk_id in self._queue:
+            if len(ahead) >= count:
+                break
+            if chunk_id in self._queued:
+                ahead.append(chunk_id)
+        return ahead
+
     def claim(
         self,
         session: str,

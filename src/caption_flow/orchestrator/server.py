@@ -27,6 +27,7 @@ from caption_flow.config.discovery import deep_merge
 from caption_flow.config.models import DatasetConfig, ModelConfig, OrchestratorConfig
 from caption_flow.errors import ConfigError, ProtocolError
 from caption_flow.export.publish import Publisher
+from caption_flow.images.prepare import PrepareSettings
 from caption_flow.orchestrator.activity import ActivityLog, ThroughputHistory, eta_seconds
 from caption_flow.orchestrator.admin import AdminDesk
 from caption_flow.orchestrator.auth import Authenticator, check_exposure
@@ -37,6 +38,8 @@ from caption_flow.orchestrator.leaderboard import Leaderboard
 from caption_flow.orchestrator.leases import ChunkBook
 from caption_flow.orchestrator.limits import ByteBudget, TokenBucket
 from caption_flow.orchestrator.metrics import Metrics
+from caption_flow.orchestrator.preparation import PrepDesk
+from caption_flow.orchestrator.prepared import PreparedBuffer
 from caption_flow.orchestrator.results import JobRules
 from caption_flow.orchestrator.sessions import Session, shown_capabilities
 from caption_flow.orchestrator.supervise import supervise
@@ -48,6 +51,8 @@ from caption_flow.protocol.messages import (
     Fetch,
     Heartbeat,
     Message,
+    Prepared,
+    PrepRequest,
     Release,
     Request,
     Requeue,
@@ -91,6 +96,13 @@ class Orchestrator:
         self.book: ChunkBook | None = None
         self.desk: WorkerDesk | None = None
         self.items: ItemServer | None = None  # items over the connection
+        self.prep: PrepDesk | None = None  # dataworkers
+        prepare = config.prepare
+        self.buffer = PreparedBuffer(
+            config.storage.data_dir / "prepared",
+            memory_limit=int(prepare.buffer_memory_mb * 1024 * 1024),
+            disk_limit=int(prepare.buffer_disk_mb * 1024 * 1024),
+        )
         self.sessions: dict[str, Session] = {}
         self.started_at = time.time()
         self.activity = ActivityLog()  # what monitors show of the recent past
@@ -133,8 +145,27 @@ class Orchestrator:
             activity=self.activity,
         )
         self.store.on_quarantine = self.desk.requeue
+        self.buffer.clear()
+        self.prep = PrepDesk(
+            self.config.prepare,
+            self.book,
+            self.buffer,
+            chunk_keys=self._missing_keys,
+            settings=self.prepare_settings,
+            fetching_sessions=lambda: [
+                s.session_id for s in self.sessions.values() if s.reads_remote
+            ],
+        )
         self.items = ItemServer(
-            lambda: self.dataset, self.config.storage.data_dir, self.desk.leased_keys
+            lambda: self.dataset,
+            self.config.storage.data_dir,
+            self.desk.leased_keys,
+            self.buffer,
+            self.prep,
+            settings=lambda: (
+                self.prepare_settings() if self.config.prepare.on_orchestrator else None
+            ),
+            wait_seconds=self.config.prepare.wait_seconds,
         )
         log.info(
             "dataset %s: %d items in %d chunks (%d new) listed in %.2fs",
@@ -182,6 +213,20 @@ class Orchestrator:
         self.store.lock.update(port=self.port)
         log.info("orchestrator listening on %s:%d", self.config.host, self.port)
 
+    def prepare_settings(self) -> PrepareSettings:
+        """How items are prepared for workers without the dataset: the current job's size."""
+        prepare = self.config.prepare
+        return PrepareSettings(self.job.image, prepare.format, prepare.quality)
+
+    def _missing_keys(self, chunk_id: str) -> list[str]:
+        """Keys of a chunk's items neither stored nor on their way to the store, in order."""
+        assert self.book is not None
+        ids = self.book.chunks[chunk_id].missing()
+        if not ids:
+            return []
+        keys = self.store.reader.item_keys(ids[0], ids[-1])
+        return [keys[i] for i in ids if i in keys]
+
     def _fail(self, reason: str) -> None:
         log.critical("stopping: %s", reason)
         self.fatal = reason
@@ -216,6 +261,8 @@ class Orchestrator:
             self._server.close()
             await self._server.wait_closed()
         await self.store.close(flush=True)
+        if self.items is not None:
+            self.items.close()
         if self.publisher is not None:  # a last round, so the target has the final output
             self.publisher.stop()
             await asyncio.to_thread(self.publisher.publish_once)
@@ -303,6 +350,8 @@ class Orchestrator:
             if session.role == "worker" and self.desk is not None:
                 # Leases wait the reconnect window: a worker that comes back keeps them.
                 self.desk.disconnected(session)
+            if session.role == "dataworker" and self.prep is not None:
+                self.prep.disconnected(session)  # nothing to wait for: preparing is cheap
             log.info("%s %s disconnected", session.role, session.name)
             self.note("disconnect", f"{session.role} {session.name}")
 
@@ -347,6 +396,8 @@ class Orchestrator:
         elif isinstance(message, Request):
             with self.metrics.lease_seconds.time():
                 await self.desk.on_request(session, message.count)
+        elif session.role == "dataworker" and self.prep is not None:
+            await self._dispatch_dataworker(session, message)
         elif isinstance(message, Heartbeat):
             self.desk.on_heartbeat(session, message)
         elif isinstance(message, Release):
@@ -358,6 +409,21 @@ class Orchestrator:
         elif isinstance(message, Requeue):
             await self.requeue_failed()
             await session.send(Stats(snapshot=self.snapshot()))
+
+    async def _dispatch_dataworker(self, session: Session, message: Message) -> None:
+        """A dataworker's messages (its role can send nothing else: protocol.connection).
+        ``prepared`` is handled before the next frame is read: a full buffer stops reading."""
+        assert self.prep is not None
+        if isinstance(message, PrepRequest):
+            await self.prep.on_request(session, message.count)
+        elif isinstance(message, Prepared):
+            await self.prep.on_prepared(session, message)
+        elif isinstance(message, Release):
+            self.prep.on_release(session, message.chunk_id)
+        elif isinstance(message, Heartbeat):
+            session.stats = dict(message.stats)
+            session.last_heartbeat = time.monotonic()
+            session.current_chunk = self.prep.describe(session.session_id)
 
     async def _results_task(self, session: Session, message: Results, held: int) -> None:
         """Store one results message; anything unexpected is logged and the worker told to
@@ -443,8 +509,9 @@ class Orchestrator:
         interval = min(1.0, self.config.lease_seconds / 4, self.config.reconnect_seconds / 4)
         while True:
             await asyncio.sleep(interval)
-            assert self.desk is not None
+            assert self.desk is not None and self.prep is not None
             await self.desk.expire()
+            self.prep.sweep()
 
     async def _status_loop(self) -> None:
         while True:
@@ -501,4 +568,8 @@ class Orchestrator:
             "history": self.history.points(),
             "activity": self.activity.recent(),
             "contributors": self.leaderboard.rows,
+            "prepared": {
+                **self.buffer.stats(),
+                "dataworkers": sum(1 for s in self.sessions.values() if s.role == "dataworker"),
+            },
         }

@@ -45,6 +45,7 @@ class Session:
     last_heartbeat: float | None = None  # monotonic
     current_chunk: str = ""  # the chunk the worker says it captions, if leased to it
     items_done: int = 0
+    reads_remote: bool = False  # a worker that fetches its items over the connection
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # Told the size of every frame sent (the orchestrator's bytes-out metric).
     count_sent: Callable[[int], object] | None = None

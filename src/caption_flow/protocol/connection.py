@@ -27,6 +27,9 @@ from caption_flow.protocol.messages import (
     Items,
     ListTokens,
     Message,
+    Prepared,
+    PrepAssign,
+    PrepRequest,
     Reject,
     Release,
     ReloadConfig,
@@ -48,7 +51,7 @@ CLOSE_VERSION = 4426
 # What each role may send once the handshake is done.
 ALLOWED_FROM: dict[str, tuple[type, ...]] = {
     "worker": (Request, Results, Heartbeat, Release, Fetch),
-    "dataworker": (Heartbeat,),
+    "dataworker": (PrepRequest, Prepared, Heartbeat, Release),
     "monitor": (Heartbeat, GetStats),
     "admin": (
         SetConfig,
@@ -72,6 +75,7 @@ ALLOWED_TO_CLIENT: tuple[type, ...] = (
     ErrorMsg,
     AdminResult,
     Items,
+    PrepAssign,
 )
 
 

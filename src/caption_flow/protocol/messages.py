@@ -251,12 +251,16 @@ class Fetch(_Msg, tag="fetch"):
 
 
 class ItemData(msgspec.Struct, omit_defaults=True, gc=False):
-    """One item's bytes as the orchestrator read them, or why it could not."""
+    """One item's bytes as the orchestrator read them, or why it could not. ``width`` and
+    ``height`` (0: not given) are the original's size when ``data`` was shrunk on the way
+    (prepared by a dataworker or the orchestrator), so rows keep the dataset's sizes."""
 
     key: Key
     data: Annotated[bytes, msgspec.Meta(max_length=MAX_ITEM_BYTES)] | None = None
     error: Reason | None = None
     columns: Annotated[dict[StatName, ColumnValue], msgspec.Meta(max_length=MAX_STATS)] = {}
+    width: Side = 0
+    height: Side = 0
 
 
 class Items(_Msg, tag="items"):
@@ -267,6 +271,46 @@ class Items(_Msg, tag="items"):
     items: list[ItemData] = []
     last: bool = True
     error: str | None = None
+
+
+MAX_PREPARED_ITEMS = 256
+
+
+class PrepRequest(_Msg, tag="prep_request"):
+    """Dataworker to orchestrator: give me up to ``count`` chunks to prepare."""
+
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUEST_COUNT)] = 1
+
+
+class PrepLease(msgspec.Struct, omit_defaults=True, gc=False):
+    """Items of one chunk a dataworker is to prepare (only those not prepared yet)."""
+
+    chunk_id: str
+    shard: str
+    keys: list[str]
+    deadline: float = 0.0
+
+
+class PrepAssign(_Msg, tag="prep_assign"):
+    """Orchestrator to dataworker: chunks to prepare, and how (the job's ``image`` section
+    plus ``format`` and ``quality``). No chunks: come back after ``retry_after`` seconds
+    (the buffer is full, or nothing is left to prepare); ``finished``: the run is done."""
+
+    chunks: list[PrepLease] = []
+    image: dict[str, Any] = {}
+    retry_after: float = 0.0
+    finished: bool = False
+
+
+class Prepared(_Msg, tag="prepared"):
+    """Dataworker to orchestrator: prepared items of a chunk it holds for preparation.
+    An item with ``error`` (unreadable here) is left for the orchestrator to read itself;
+    ``last`` hands the rest of the chunk's preparation back."""
+
+    chunk_id: ChunkId
+    seq: Seq
+    items: Annotated[list[ItemData], msgspec.Meta(max_length=MAX_PREPARED_ITEMS)]
+    last: bool = False
 
 
 class ErrorMsg(_Msg, tag="error"):
@@ -299,6 +343,9 @@ Message = (
     | AdminResult
     | Fetch
     | Items
+    | PrepRequest
+    | PrepAssign
+    | Prepared
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -27,6 +27,9 @@ class SourceItem:
     data: bytes | None
     columns: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    # The original's size when ``data`` was shrunk before it reached the worker (0: not).
+    width: int = 0
+    height: int = 0
 
 
 class Source(Protocol):

@@ -282,8 +282,8 @@ def _decoded(item: SourceItem, item_id: int, image: DecodedImage, started: float
         item.key,
         started,
         caption_input=CaptionInput(key=item.key, image=image.image, columns=item.columns),
-        width=image.width,
-        height=image.height,
+        width=item.width or image.width,  # the original's, when it was shrunk on the way
+        height=item.height or image.height,
     )
 
 

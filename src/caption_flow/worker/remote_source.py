@@ -98,7 +98,9 @@ class RemoteSource:
             batch = list(keys[start : start + self.fetch_keys])
             future = asyncio.run_coroutine_threadsafe(self.fetch(chunk_id, batch), self._loop)
             for item in future.result():
-                yield SourceItem(item.key, item.data, dict(item.columns), item.error)
+                yield SourceItem(
+                    item.key, item.data, dict(item.columns), item.error, item.width, item.height
+                )
 
 
 class ChunkReader:

@@ -1,0 +1,255 @@
+"""What the orchestrator does with dataworkers: hand out chunks to prepare, check and keep
+what they send, and take chunks back from those that go quiet.
+
+A dataworker holds chunks *for preparation* only: it never holds a caption lease and cannot
+send results (its role may not send them at all). Which chunks: first those leased to workers
+that fetch their items over the connection, then the next ones the queue will lease, never
+more than the buffer has room for. What it sends is checked before it is kept: the chunk
+must be held by that very session, each key one it was given, each item a JPEG or WebP no
+larger than the job's image size and ``max_item_bytes``. A refused message also ends the
+session's hold on that chunk, so a faulty dataworker cannot sit on it.
+
+Losing a dataworker loses nothing: its holds end with its connection (or after
+``lease_seconds`` without progress), and whatever it had not sent is prepared again by
+another dataworker or read by the orchestrator itself when a worker asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from caption_flow.config.models import PrepareConfig
+from caption_flow.images.prepare import PrepareSettings, check_prepared
+from caption_flow.orchestrator.leases import ChunkBook, ChunkStatus
+from caption_flow.orchestrator.prepared import BufferFull, PreparedBuffer
+from caption_flow.orchestrator.sessions import Session
+from caption_flow.protocol.messages import (
+    Ack,
+    ItemData,
+    Prepared,
+    PrepAssign,
+    PrepLease,
+    Reject,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 1.0
+
+
+@dataclass
+class PrepHold:
+    """A chunk held by one dataworker: the keys it was given and those still to come."""
+
+    session_id: str
+    chunk_id: str
+    given: set[str]
+    remaining: set[str]
+    deadline: float  # monotonic; moved on by every accepted message
+    prepared: int = 0
+
+
+@dataclass
+class PrepStats:
+    accepted: int = 0
+    refused: int = 0
+    by_session: dict[str, int] = field(default_factory=dict)
+
+
+class PrepDesk:
+    def __init__(
+        self,
+        config: PrepareConfig,
+        book: ChunkBook,
+        buffer: PreparedBuffer,
+        chunk_keys: Callable[[str], list[str]],
+        settings: Callable[[], PrepareSettings],
+        fetching_sessions: Callable[[], Iterable[str]],
+    ) -> None:
+        self.config = config
+        self.book = book
+        self.buffer = buffer
+        self.chunk_keys = chunk_keys  # a chunk's keys still missing, in order
+        self.settings = settings
+        self.fetching_sessions = fetching_sessions  # workers that fetch over the connection
+        self.max_item_bytes = int(config.max_item_mb * 1024 * 1024)
+        self.holds: dict[str, PrepHold] = {}
+        self._by_session: dict[str, set[str]] = {}
+        self._changed = asyncio.Event()
+        self.stats = PrepStats()
+
+    # -- chunks out -----------------------------------------------------------------------
+    async def on_request(self, session: Session, count: int) -> None:
+        await session.send(self._assign(session.session_id, count))
+
+    def _assign(self, session_id: str, count: int) -> PrepAssign:
+        image = self.settings().to_wire()
+        if self.book.finished:
+            return PrepAssign(finished=True)
+        if not self.buffer.has_room():
+            return PrepAssign(image=image, retry_after=RETRY_SECONDS)
+        now = time.monotonic()
+        leases: list[PrepLease] = []
+        for chunk_id in self._candidates():
+            if len(leases) >= count:
+                break
+            keys = [k for k in self.chunk_keys(chunk_id) if not self.buffer.has(chunk_id, k)]
+            if not keys:
+                continue
+            hold = PrepHold(
+                session_id, chunk_id, set(keys), set(keys), now + self.config.lease_seconds
+            )
+            self.holds[chunk_id] = hold
+            self._by_session.setdefault(session_id, set()).add(chunk_id)
+            shard = self.book.chunks[chunk_id].shard
+            leases.append(PrepLease(chunk_id, shard, keys, time.time() + self.config.lease_seconds))
+        return PrepAssign(chunks=leases, image=image, retry_after=0.0 if leases else RETRY_SECONDS)
+
+    def _candidates(self) -> list[str]:
+        """Chunks worth preparing, most urgent first, not held by a dataworker already."""
+        urgent: list[str] = []
+        for session_id in self.fetching_sessions():
+            urgent.extend(sorted(self.book.held_by(session_id)))
+        ahead = self.book.upcoming(self.config.ahead_chunks)
+        seen: set[str] = set()
+        out = []
+        for chunk_id in [*urgent, *ahead]:
+            if chunk_id in seen or chunk_id in self.holds:
+                continue
+            seen.add(chunk_id)
+            status = self.book.chunks[chunk_id].status
+            if status in (ChunkStatus.PENDING, ChunkStatus.LEASED):
+                out.append(chunk_id)
+        return out
+
+    # -- items in -------------------------------------------------------------------------
+    async def on_prepared(self, session: Session, message: Prepared) -> None:
+        reason = self._refusal(session, message)
+        if reason is not None:
+            self.stats.refused += 1
+            log.warning("prepared items of %s refused: %s", session.name, reason)
+            self._end_hold(message.chunk_id, session.session_id)
+            await session.send(Reject(seq=message.seq, reason=reason))
+            return
+        hold = self.holds[message.chunk_id]
+        accepted = 0
+        for item in message.items:
+            if item.key not in hold.remaining:
+                continue  # sent twice, or served meanwhile: nothing to keep
+            # An item unreadable there is left for the orchestrator to read if asked.
+            if item.error is None and item.data is not None:
+                accepted += await self._keep(message.chunk_id, item)
+            hold.remaining.discard(item.key)  # after the put: a waiting fetch finds it
+            self._notify()
+        hold.prepared += accepted
+        hold.deadline = time.monotonic() + self.config.lease_seconds
+        self.stats.accepted += accepted
+        self.stats.by_session[session.session_id] = (
+            self.stats.by_session.get(session.session_id, 0) + accepted
+        )
+        if message.last or not hold.remaining:
+            self._end_hold(message.chunk_id, session.session_id)
+        self._notify()
+        await session.send(Ack(seq=message.seq, accepted=accepted))
+
+    async def _keep(self, chunk_id: str, item: ItemData) -> bool:
+        """Put one item in the buffer; while it is full, stop reading this dataworker (TCP
+        pushes back) until workers take items, for at most ``lease_seconds``."""
+        deadline = time.monotonic() + self.config.lease_seconds
+        while True:
+            try:
+                self.buffer.put(chunk_id, item)
+                return True
+            except BufferFull:
+                left = deadline - time.monotonic()
+                if left <= 0 or not await self.buffer.wait_for_room(left):
+                    return False
+
+    def _refusal(self, session: Session, message: Prepared) -> str | None:
+        hold = self.holds.get(message.chunk_id)
+        if hold is None or hold.session_id != session.session_id:
+            return f"chunk {message.chunk_id} is not held by you for preparation"
+        settings = self.settings()
+        for item in message.items:
+            if item.key not in hold.given:
+                return f"{item.key!r} is not an item you were given of {message.chunk_id}"
+            if item.data is None:
+                continue
+            if len(item.data) > self.max_item_bytes:
+                return f"{item.key!r}: {len(item.data)} bytes is over {self.max_item_bytes}"
+            bad = check_prepared(item.data, settings.image)
+            if bad is not None:
+                return f"{item.key!r}: {bad}"
+        return None
+
+    # -- holds ending ---------------------------------------------------------------------
+    def on_release(self, session: Session, chunk_id: str) -> None:
+        self._end_hold(chunk_id, session.session_id)
+
+    def disconnected(self, session: Session) -> None:
+        for chunk_id in list(self._by_session.get(session.session_id, ())):
+            self._end_hold(chunk_id, session.session_id)
+        self._by_session.pop(session.session_id, None)
+        self.stats.by_session.pop(session.session_id, None)
+
+    def _end_hold(self, chunk_id: str, session_id: str) -> None:
+        hold = self.holds.get(chunk_id)
+        if hold is None or hold.session_id != session_id:
+            return
+        del self.holds[chunk_id]
+        held = self._by_session.get(session_id)
+        if held is not None:
+            held.discard(chunk_id)
+        self._notify()  # waiting fetches re-check: nobody prepares these keys any more
+
+    def sweep(self) -> None:
+        """End holds without progress; drop buffered items of chunks no longer to do."""
+        now = time.monotonic()
+        for hold in list(self.holds.values()):
+            if hold.deadline <= now:
+                log.warning("dataworker hold of %s ended: no items for a while", hold.chunk_id)
+                self._end_hold(hold.chunk_id, hold.session_id)
+        for chunk_id in self.buffer.chunk_ids():
+            chunk = self.book.chunks.get(chunk_id)
+            if chunk is None or chunk.status in (ChunkStatus.DONE, ChunkStatus.FAILED):
+                self.buffer.drop_chunk(chunk_id)
+
+    # -- for the item server ---------------------------------------------------------------
+    def preparing(self, chunk_id: str, key: str) -> bool:
+        """Whether a connected dataworker still owes this item."""
+        hold = self.holds.get(chunk_id)
+        return hold is not None and key in hold.remaining
+
+    def forget(self, chunk_id: str, keys: Iterable[str]) -> None:
+        """The orchestrator served these items itself: no dataworker needs to send them."""
+        hold = self.holds.get(chunk_id)
+        if hold is not None:
+            hold.remaining.difference_update(keys)
+
+    async def wait_prepared(self, chunk_id: str, keys: list[str], timeout: float) -> None:
+        """Wait until no dataworker owes any of ``keys`` (sent, or given up), at most
+        ``timeout`` seconds."""
+
+        deadline = time.monotonic() + timeout
+        while any(self.preparing(chunk_id, k) for k in keys):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                return
+
+    def _notify(self) -> None:
+        """Wake every waiting fetch (each re-checks what it waits for)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def describe(self, session_id: str) -> str:
+        """The chunk a dataworker prepares now, for monitors."""
+        held = self._by_session.get(session_id)
+        return min(held) if held else ""
