@@ -17,6 +17,8 @@ from caption_flow.config.discovery import (
     validate,
 )
 from caption_flow.config.models import (
+    DataWorkerConfig,
+    DataWorkerFile,
     MonitorConfig,
     MonitorFile,
     OrchestratorConfig,
@@ -69,6 +71,13 @@ def worker_config(
     loaded = load_file(WorkerFile, path)
     prefixed = {f"worker.{k}": v for k, v in overrides.items()}
     return apply_overrides(loaded, prefixed).worker
+
+
+def dataworker_config(config_path: str | None, overrides: dict[str, Any]) -> DataWorkerConfig:
+    path = found_config("dataworker", config_path)
+    loaded = load_file(DataWorkerFile, path)
+    prefixed = {f"dataworker.{k}": v for k, v in overrides.items()}
+    return apply_overrides(loaded, prefixed).dataworker
 
 
 def tls_overrides(cert: str | None, key: str | None, no_ssl: bool) -> dict[str, Any]:

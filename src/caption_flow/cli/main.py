@@ -18,6 +18,7 @@ from caption_flow.cli.admin import admin, contributors, status
 from caption_flow.cli.certs import generate_cert, inspect_cert
 from caption_flow.cli.configs import (
     dataset_type_for,
+    dataworker_config,
     orchestrator_config,
     tls_overrides,
     worker_config,
@@ -232,6 +233,37 @@ def worker(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, w.stop)
         await w.run()
+
+    _run(work())
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--server", help="orchestrator URL, ws://host:port or wss://host:port")
+@click.option("--token", help="dataworker token")
+@click.option("--name", help="name shown in the monitor")
+@click.option("--dataset-path", help="where this host sees the dataset")
+@click.option("--threads", type=int, help="images prepared at once (0: one per core)")
+@click.option("--exit-when-done", is_flag=True, default=None, help="stop when nothing is left")
+@click.option(
+    "--no-verify-ssl",
+    is_flag=True,
+    help="accept a certificate that cannot be verified (self-signed, in development)",
+)
+@verbose_option
+def dataworker(config_path: str | None, no_verify_ssl: bool, **flags: Any) -> None:
+    """Prepare items (read, shrink, re-encode) for GPU workers without the dataset."""
+    if no_verify_ssl:
+        flags["verify_ssl"] = False
+    config = dataworker_config(config_path, flags)
+    from caption_flow.dataworker.client import DataWorker
+
+    async def work() -> None:
+        d = DataWorker(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, d.stop)
+        await d.run()
 
     _run(work())
 

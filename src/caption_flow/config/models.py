@@ -500,3 +500,35 @@ class MonitorFile(_Strict):
 
 class WorkerFile(_Strict):
     worker: WorkerConfig = WorkerConfig()
+
+
+class DataWorkerConfig(_Strict):
+    """``caption-flow dataworker``: a CPU client that prepares items for GPU workers that
+    cannot read the dataset."""
+
+    server: str = "ws://localhost:8765"
+    token: str = Field("", max_length=512)
+    name: str = Field("dataworker", min_length=1, max_length=128)
+    dataset_path: str | None = Field(
+        None, description="where this host sees the dataset, if not at the orchestrator's path"
+    )
+    dataset_storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="this host's own fsspec options (credentials) for remote shards",
+    )
+    threads: int = Field(0, ge=0, description="images prepared at once; 0: one per core")
+    chunks_ahead: int = Field(1, ge=1, le=8, description="chunks asked for at once")
+    message_mb: float = Field(
+        4.0, gt=0, description="prepared bytes per message to the orchestrator"
+    )
+    unacked_messages: int = Field(
+        2, ge=1, description="messages sent before the orchestrator's answer is awaited"
+    )
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    reconnect_max_seconds: float = Field(30.0, gt=0)
+    verify_ssl: bool = True
+    exit_when_done: bool = False
+
+
+class DataWorkerFile(_Strict):
+    dataworker: DataWorkerConfig = DataWorkerConfig()

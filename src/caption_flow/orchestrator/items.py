@@ -37,7 +37,7 @@ from caption_flow.protocol.messages import (
     Items,
 )
 from caption_flow.sources import open_source
-from caption_flow.sources.base import Source, SourceItem
+from caption_flow.sources.base import Source, SourceItem, take_items
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,6 @@ def item_data(item: SourceItem) -> ItemData:
     return ItemData(
         key=item.key, data=data if error is None else None, error=error, columns=columns
     )
-
-
-def take(reader: Iterator[SourceItem], count: int) -> list[SourceItem]:
-    """Up to ``count`` items from ``reader`` (run in a thread: reading may block)."""
-    taken: list[SourceItem] = []
-    for item in reader:
-        taken.append(item)
-        if len(taken) >= count:
-            break
-    return taken
 
 
 def prepared_data(item: SourceItem, settings: PrepareSettings | None) -> ItemData:
@@ -211,7 +201,7 @@ class ItemServer:
 
     async def _read_own(self, reader: Iterator[SourceItem]) -> list[ItemData]:
         """The next few items read here, prepared on the pool's threads at once."""
-        raw = await asyncio.to_thread(take, reader, self._threads)
+        raw = await asyncio.to_thread(take_items, reader, self._threads)
         if not raw:
             raise LookupError("the dataset has fewer items than the chunk lists")
         loop = asyncio.get_running_loop()

@@ -64,6 +64,18 @@ class _Figures:
             "result rows committed to the journal since start",
             value=o.store.committed_rows,
         )
+        buffer = o.buffer
+        for name, value, doc in (
+            ("prepared_items", buffer.items, "prepared items waiting for workers"),
+            ("prepared_memory_bytes", buffer.memory_bytes, "prepared bytes held in memory"),
+            ("prepared_disk_bytes", buffer.disk_bytes, "prepared bytes spilled to disk"),
+        ):
+            yield GaugeMetricFamily(f"captionflow_{name}", doc, value=value)
+        for name, value, doc in (
+            ("items_relayed", buffer.relayed, "items sent to workers as dataworkers prepared them"),
+            ("items_served", buffer.served, "items the orchestrator read for workers itself"),
+        ):
+            yield CounterMetricFamily(f"captionflow_{name}", doc, value=value)
 
 
 class Metrics:

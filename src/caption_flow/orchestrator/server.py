@@ -339,7 +339,7 @@ class Orchestrator:
             Welcome(
                 session_id=session.session_id,
                 contributor=session.identity.contributor,
-                config=self.job_payload() if session.role == "worker" else {},
+                config=self._welcome_config(session.role),
                 resumed_chunks=resumed,
             )
         )
@@ -449,6 +449,14 @@ class Orchestrator:
             self.finished.set()
 
     # -- admin --------------------------------------------------------------------------------
+    def _welcome_config(self, role: str) -> dict[str, Any]:
+        """What each role is told on arrival: workers the job, dataworkers the dataset."""
+        if role == "worker":
+            return self.job_payload()
+        if role == "dataworker":
+            return {"dataset": self.job_payload()["dataset"]}
+        return {}
+
     def job_payload(self) -> dict[str, Any]:
         """What a worker needs: the job and where the data is. Never the auth section, and
         never the dataset's credentials: a worker that reads remote shards brings its own."""

@@ -32,6 +32,16 @@ class SourceItem:
     height: int = 0
 
 
+def take_items(reader: Iterator[SourceItem], count: int) -> list[SourceItem]:
+    """Up to ``count`` items from ``reader`` (run in a thread: reading may block)."""
+    taken: list[SourceItem] = []
+    for item in reader:
+        taken.append(item)
+        if len(taken) >= count:
+            break
+    return taken
+
+
 class Source(Protocol):
     """A dataset. ``list_shards`` runs on the orchestrator, ``read`` on workers."""
 

@@ -25,7 +25,7 @@ from caption_flow.engines.captioner import Captioner
 from caption_flow.errors import EngineUnavailableError, SourceError
 from caption_flow.images.pool import DecodedImage, DecodePool
 from caption_flow.protocol.messages import ChunkLease, ItemResult
-from caption_flow.sources.base import Source, SourceItem
+from caption_flow.sources.base import Source, SourceItem, take_items
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class ChunkPipeline:
             position = 0
             while position < len(keys) and not abandoned():
                 size = batch_size()
-                raw = await loop.run_in_executor(None, _take, reader, size)
+                raw = await loop.run_in_executor(None, take_items, reader, size)
                 if not raw:
                     break
                 position += len(raw)
@@ -285,12 +285,3 @@ def _decoded(item: SourceItem, item_id: int, image: DecodedImage, started: float
         width=item.width or image.width,  # the original's, when it was shrunk on the way
         height=item.height or image.height,
     )
-
-
-def _take(reader: Iterator[SourceItem], count: int) -> list[SourceItem]:
-    items = []
-    for item in reader:
-        items.append(item)
-        if len(items) >= count:
-            break
-    return items

@@ -1,0 +1,1 @@
+"""CPU clients that prepare items for GPU workers without the dataset."""

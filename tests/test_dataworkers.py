@@ -1,0 +1,213 @@
+"""Dataworkers (issue 13): GPU workers without the dataset are fed prepared items, by two
+dataworkers through the orchestrator's buffer, or by the orchestrator itself when none is
+connected. A real orchestrator, real dataworkers and workers on 127.0.0.1; the engine is a
+stub whose captions name the image size it was given (so the test sees what the GPU saw)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageOps
+from support import (
+    TIME_UNIT,
+    StubEngine,
+    eventually,
+    orchestrator_config,
+    read_rows,
+    stub_loader,
+    worker_config,
+)
+
+from caption_flow.config.models import (
+    AuthConfig,
+    DataWorkerConfig,
+    ImageConfig,
+    PrepareConfig,
+    TokenEntry,
+)
+from caption_flow.dataworker.client import DataWorker
+from caption_flow.engines.captioner import Captioner
+from caption_flow.orchestrator.server import Orchestrator
+from caption_flow.worker.client import Worker
+
+pytestmark = pytest.mark.timeout(180)
+
+IMAGES = 24
+SIZE = (240, 180)  # the originals
+MAX_SIDE = 64  # what the job asks: prepared images are at most 64 pixels wide
+DATAWORKER_TOKENS = {"feeder-1": "dataworker-token-one", "feeder-2": "dataworker-token-two"}
+
+
+def config_for(tmp_path: Path, folder: Path, model: Path) -> Any:
+    config = orchestrator_config(tmp_path / "data", folder, model, chunk_size=4)
+    auth = config.auth.model_copy(
+        update={
+            "dataworker_tokens": [TokenEntry(name=n, token=t) for n, t in DATAWORKER_TOKENS.items()]
+        }
+    )
+    job = config.vllm.model_copy(update={"image": ImageConfig(max_side=MAX_SIDE)})
+    return config.model_copy(
+        update={"auth": auth, "vllm": job, "prepare": PrepareConfig(wait_seconds=10)}
+    )
+
+
+def dataworker(port: int, name: str) -> DataWorker:
+    return DataWorker(
+        DataWorkerConfig(
+            server=f"ws://127.0.0.1:{port}",
+            token=DATAWORKER_TOKENS[name],
+            name=name,
+            threads=1,
+            heartbeat_seconds=0.5,
+            reconnect_max_seconds=1.0,
+            exit_when_done=True,
+        )
+    )
+
+
+def stub_worker(port: int, nowhere: Path) -> Worker:
+    engines: list[StubEngine] = []
+    config = worker_config(port, read_dataset="no", dataset_path=str(nowhere))
+    return Worker(config, Captioner("transformers", loader=stub_loader(engines)))
+
+
+def check_rows(data_dir: Path, images: list[Path]) -> list[dict[str, Any]]:
+    """One row per item; the engine saw a shrunk image; the row keeps the original size."""
+    rows = read_rows(data_dir)
+    counts = collections.Counter(r["item_key"] for r in rows)
+    assert set(counts) == {p.name for p in images}
+    assert max(counts.values()) == 1, counts.most_common(2)
+    for row in rows:
+        assert row["error"] is None, row
+        seen = re.search(r"(\d+)x(\d+)$", row["captions"][0])
+        assert seen is not None, row["captions"]
+        assert max(int(seen.group(1)), int(seen.group(2))) <= MAX_SIDE, row["captions"]
+        assert (row["width"], row["height"]) == shown_size(images[0].parent / row["item_key"])
+    return rows
+
+
+def shown_size(path: Path) -> tuple[int, int]:
+    """The original's size as displayed (its EXIF orientation applied)."""
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).size
+
+
+async def test_two_dataworkers_feed_a_worker_that_has_no_dataset(
+    tmp_path: Path, tiny_model_dir: Path, image_folder
+) -> None:
+    images = image_folder(IMAGES, size=SIZE)
+    orch = Orchestrator(config_for(tmp_path, images[0].parent, tiny_model_dir))
+    await orch.start()
+    try:
+        feeders = [dataworker(orch.port, n) for n in DATAWORKER_TOKENS]
+        feeding = [asyncio.create_task(d.run()) for d in feeders]
+        # The dataworkers prepare ahead before any GPU worker is there.
+        await eventually(
+            lambda: orch.snapshot()["prepared"]["items"] >= 8, 30, "items prepared ahead"
+        )
+        snapshot = orch.snapshot()
+        assert snapshot["prepared"]["dataworkers"] == 2
+        assert snapshot["prepared"]["memory_bytes"] > 0
+        roles = collections.Counter(s["role"] for s in snapshot["sessions"])
+        assert roles["dataworker"] == 2
+
+        worker = stub_worker(orch.port, tmp_path / "not-here")
+        await asyncio.wait_for(worker.run(), 120 * TIME_UNIT)
+        assert worker.remote is not None, "the worker read through the orchestrator"
+        await asyncio.wait_for(asyncio.gather(*feeding), 30 * TIME_UNIT)
+        prepared = orch.snapshot()["prepared"]
+    finally:
+        await orch.stop()
+
+    check_rows(tmp_path / "data", images)
+    # Most items came from the dataworkers; whatever they had not prepared when asked for
+    # was read by the orchestrator itself. Every item was sent to the worker once.
+    assert prepared["relayed"] >= 8
+    assert prepared["relayed"] + prepared["served"] == IMAGES
+    assert sum(d.prepared for d in feeders) >= prepared["relayed"]
+    assert all(d.prepared > 0 for d in feeders), "both dataworkers prepared items"
+    # Nothing is left behind: finished chunks take their prepared items with them.
+    assert prepared["items"] == 0 and prepared["memory_bytes"] == 0
+
+
+async def test_without_dataworkers_the_orchestrator_prepares_items_itself(
+    tmp_path: Path, tiny_model_dir: Path, image_folder
+) -> None:
+    images = image_folder(IMAGES, size=SIZE)
+    orch = Orchestrator(config_for(tmp_path, images[0].parent, tiny_model_dir))
+    await orch.start()
+    try:
+        worker = stub_worker(orch.port, tmp_path / "not-here")
+        await asyncio.wait_for(worker.run(), 120 * TIME_UNIT)
+        prepared = orch.snapshot()["prepared"]
+    finally:
+        await orch.stop()
+    check_rows(tmp_path / "data", images)
+    assert prepared["served"] == IMAGES and prepared["relayed"] == 0
+
+
+async def test_a_dataworker_that_dies_loses_nothing(
+    tmp_path: Path, tiny_model_dir: Path, image_folder
+) -> None:
+    """A dataworker whose connection drops mid-chunk: its holds end at once, and the worker's
+    fetches are answered by the orchestrator instead of waiting for it."""
+    images = image_folder(IMAGES, size=SIZE)
+    config = config_for(tmp_path, images[0].parent, tiny_model_dir)
+    orch = Orchestrator(config)
+    await orch.start()
+    try:
+        feeder = dataworker(orch.port, "feeder-1")
+        feeding = asyncio.create_task(feeder.run())
+        await eventually(lambda: orch.prep is not None and bool(orch.prep.holds), 30, "a hold")
+        feeding.cancel()  # gone without a word, holding chunks
+        await asyncio.gather(feeding, return_exceptions=True)
+        await eventually(lambda: orch.prep is not None and not orch.prep.holds, 10, "holds end")
+        worker = stub_worker(orch.port, tmp_path / "not-here")
+        await asyncio.wait_for(worker.run(), 60 * TIME_UNIT)
+    finally:
+        await orch.stop()
+    check_rows(tmp_path / "data", images)
+
+
+def test_prepared_images_keep_orientation_and_shrink(tmp_path: Path) -> None:
+    """What a dataworker sends: upright (EXIF applied), within the job's size, original size
+    reported as displayed; a small upright JPEG passes through untouched."""
+    import io
+
+    from caption_flow.images.prepare import PrepareSettings, check_prepared, prepare_image
+
+    settings = PrepareSettings(ImageConfig(max_side=MAX_SIDE), "webp", 80)
+    sideways = Image.new("RGB", (300, 100), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated by 90 degrees
+    out = io.BytesIO()
+    sideways.save(out, "JPEG", exif=exif.tobytes())
+    prepared = prepare_image(out.getvalue(), settings)
+    assert (prepared.width, prepared.height) == (100, 300)
+    with Image.open(io.BytesIO(prepared.data)) as im:
+        assert im.format == "WEBP" and im.size == (21, 64)
+    assert check_prepared(prepared.data, settings.image) is None
+
+    small = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 90, 0)).save(small, "JPEG")
+    assert prepare_image(small.getvalue(), settings).data == small.getvalue()
+    # Too big for the job, or not JPEG/WebP: refused without decoding.
+    big = io.BytesIO()
+    Image.new("RGB", (200, 100)).save(big, "JPEG")
+    assert "larger" in (check_prepared(big.getvalue(), settings.image) or "")
+    png = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(png, "PNG")
+    assert "PNG" in (check_prepared(png.getvalue(), settings.image) or "")
+    assert "not an image" in (check_prepared(b"\x00" * 64, settings.image) or "")
+
+
+def test_dataworker_tokens_load_from_the_auth_section() -> None:
+    auth = AuthConfig.model_validate(
+        {"dataworker_tokens": [{"name": "feeder", "token": "dataworker-token-xyz"}]}
+    )
+    assert auth.dataworker_tokens[0].name == "feeder"
