@@ -96,6 +96,7 @@ def test_every_spec_field_becomes_an_engine_argument() -> None:
         "mm_processor_cache_gb": 0,
         "mm_processor_kwargs": {"max_pixels": 1000},
         "trust_remote_code": True,
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
     defaults = engine_args(EngineSpec(model="org/model"))
     assert defaults["dtype"] == "auto"

@@ -58,23 +58,36 @@ CHAT_TEMPLATE = (
 )
 
 
-def _is_complete(path: Path, seed: int) -> bool:
+def _is_complete(path: Path, seed: int, tokenizer: str = "words") -> bool:
     try:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return bool(marker.get("version") == _RECIPE_VERSION and marker.get("seed") == seed)
+    return bool(
+        marker.get("version") == _RECIPE_VERSION
+        and marker.get("seed") == seed
+        and marker.get("tokenizer", "words") == tokenizer
+    )
 
 
-def _build_tokenizer():  # -> PreTrainedTokenizerFast
-    """Word-level tokenizer: Qwen's special tokens plus a few dozen words joined by spaces."""
+def _build_tokenizer(kind: str = "words"):  # -> PreTrainedTokenizerFast
+    """Word-level tokenizer (Qwen's special tokens plus a few dozen words joined by spaces),
+    or ``bytes``: one token per byte, which can spell anything, JSON included (what vLLM's
+    structured-output grammars need)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    if kind == "bytes":
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *alphabet])}
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+    else:
+        vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *WORDS])}
+        backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     backend.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -89,7 +102,7 @@ def _build_tokenizer():  # -> PreTrainedTokenizerFast
     )
 
 
-def _build_into(folder: Path, seed: int) -> None:
+def _build_into(folder: Path, seed: int, tokenizer_kind: str = "words") -> None:
     import torch
     from transformers import (
         GenerationConfig,
@@ -100,7 +113,7 @@ def _build_into(folder: Path, seed: int) -> None:
         Qwen2VLVideoProcessor,
     )
 
-    tokenizer = _build_tokenizer()
+    tokenizer = _build_tokenizer(tokenizer_kind)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
@@ -170,8 +183,9 @@ def _build_into(folder: Path, seed: int) -> None:
             hf_logging.enable_progress_bar()
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
+def build_tiny_model(path: Path, seed: int = 0, tokenizer: str = "words") -> Path:
     """Build the tiny model into ``path`` (created if needed) and return ``path``.
+    ``tokenizer``: "words" (captions of plain words) or "bytes" (can write JSON).
 
     Idempotent: a folder that already holds a complete model for ``seed`` is returned at
     once. The model is built in a sibling temporary folder and its files moved in, the
@@ -179,17 +193,22 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     complete but is not.
     """
     path = Path(path).absolute()
-    if _is_complete(path, seed):
+    if _is_complete(path, seed, tokenizer):
         return path
     path.mkdir(parents=True, exist_ok=True)
     logger.info("building tiny Qwen2-VL model (seed %d) in %s", seed, path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        _build_into(staging, seed)
+        _build_into(staging, seed, tokenizer)
         for item in staging.iterdir():
             item.chmod(0o644)  # some writers create 0600 files; the model is meant to be shared
             os.replace(item, path / item.name)
-        marker = {"version": _RECIPE_VERSION, "seed": seed, "architecture": "Qwen2-VL"}
+        marker = {
+            "version": _RECIPE_VERSION,
+            "seed": seed,
+            "architecture": "Qwen2-VL",
+            "tokenizer": tokenizer,
+        }
         tmp_marker = path / f"{MARKER}.{os.getpid()}.tmp"
         tmp_marker.write_text(json.dumps(marker))
         os.replace(tmp_marker, path / MARKER)

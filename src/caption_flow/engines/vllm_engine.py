@@ -9,6 +9,7 @@ call and never reload the model. Every foreign exception becomes :class:`EngineE
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -57,12 +58,36 @@ def engine_args(spec: EngineSpec, platform_device: str = "cuda") -> dict[str, An
         "enforce_eager": spec.enforce_eager,
         "limit_mm_per_prompt": {**_UNUSED_MODALITIES, **dict(spec.limit_mm_per_prompt)},
         "mm_processor_kwargs": dict(spec.mm_processor_kwargs) or None,
+        # JSON captions (a job's output_schema) without free whitespace: compact to store,
+        # and a weak model cannot spend max_tokens on tabs between the braces.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
         "trust_remote_code": spec.trust_remote_code,
     }
     if spec.disable_mm_preprocessor_cache:
         # vLLM replaced its disable_mm_preprocessor_cache switch by a size; 0 turns it off.
         args["mm_processor_cache_gb"] = 0
     return args
+
+
+def sampling_params(
+    params_class: Any, sampling: SamplingConfig, schemas: Sequence[dict[str, Any] | None]
+) -> Any:
+    """One ``SamplingParams`` for the batch, or one per request when some have a JSON schema:
+    vLLM's structured outputs then constrain decoding, so the caption is valid JSON of that
+    schema by construction (and the worker's check after the fact never has to retry it)."""
+    if all(schema is None for schema in schemas):
+        return params_class(**sampling_kwargs(sampling))
+    from vllm.sampling_params import StructuredOutputsParams
+
+    made: dict[str, Any] = {}
+    params = []
+    for schema in schemas:
+        key = json.dumps(schema, sort_keys=True)
+        if key not in made:
+            structured = StructuredOutputsParams(json=schema) if schema is not None else None
+            made[key] = params_class(**sampling_kwargs(sampling), structured_outputs=structured)
+        params.append(made[key])
+    return params
 
 
 def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
@@ -196,7 +221,7 @@ class VLLMEngine:
                 {"prompt": texts[r.prompt], "multi_modal_data": {"image": r.image}}
                 for r in requests
             ]
-            params = SamplingParams(**sampling_kwargs(sampling))
+            params = sampling_params(SamplingParams, sampling, [r.output_schema for r in requests])
             outputs = llm.generate(inputs, params, use_tqdm=False)
         except EngineError:
             raise
