@@ -445,3 +445,73 @@ def test_publish_to_hub_retries_until_it_succeeds(tmp_path: Path, hub: FakeHub) 
         hub.repos["org/live"][f"captions/{n}"] == (data / "captions" / n).read_bytes()
         for n in parts
     )
+
+
+class _JsonEngine:
+    """Answers JSON for even-sized images, plain text otherwise (a stand-in for a model
+    with an output_schema: what matters here is how the export writes the text)."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    def generate(self, requests: Any, sampling: Any) -> list[Any]:
+        from caption_flow.engines.base import Generation
+
+        return [
+            Generation(
+                json.dumps({"w": r.image.width, "tags": ["a", "b"]})
+                if r.image.width % 2 == 0
+                else "plain words"
+            )
+            for r in requests
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+async def test_jsonl_writes_json_captions_as_parsed_values(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from caption_flow.engines.captioner import Captioner
+
+    images = generate_images(tmp_path / "images", 6)
+    config = orchestrator_config(tmp_path / "data", images[0].parent, tiny_model_dir)
+    orch = Orchestrator(config)
+    await orch.start()
+    try:
+        captioner = Captioner("transformers", loader=lambda kind, spec: _JsonEngine(spec))
+        worker = Worker(worker_config(orch.port), captioner)
+        await asyncio.wait_for(worker.run(), 60 * TIME_UNIT)
+    finally:
+        await orch.stop()
+    stored = {r["item_key"]: r["captions"] for r in read_rows(tmp_path / "data")}
+    texts = [t for captions in stored.values() for t in captions]
+    assert any(t.startswith("{") for t in texts)
+    assert "plain words" in texts, "the images' widths were all even"
+
+    out = tmp_path / "out.jsonl"
+    do_export(tmp_path / "data", "jsonl", out, json_fields=("captions",))
+    for line in (json.loads(x) for x in out.read_text().splitlines()):
+        # JSON text becomes the object it spells; anything else stays the string it was.
+        expected = [json.loads(t) if t.startswith("{") else t for t in stored[line["item_key"]]]
+        assert line["captions"] == expected
+
+    runner = CliRunner()
+    cli_out = tmp_path / "cli.jsonl"
+    result = runner.invoke(
+        cli,
+        [
+            "export",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--format",
+            "jsonl",
+            "--output",
+            str(cli_out),
+            "--json-fields",
+            "captions",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert cli_out.read_text() == out.read_text()

@@ -180,3 +180,31 @@ def test_a_larger_retry_budget_widens_the_caption_length_rule() -> None:
     plain = JobRules.of(job())
     wider = JobRules.of(job(retry_sampling=SamplingConfig(max_tokens=4096)))
     assert wider.max_caption_chars > plain.max_caption_chars
+
+
+def test_named_json_repairs_fix_a_caption_before_it_is_checked() -> None:
+    """invalid_escapes and duplicate_array_items, each only when the job names it: a repaired
+    caption needs no retry; without the repair the same answer is retried, then failed."""
+    broken = '{"tags": ["C:\\dir", "cat", "cat"]}'  # \d is no JSON escape; "cat" twice
+    assert json.loads(broken.replace("\\d", "\\\\d"))  # the repair makes it valid JSON
+
+    results, engine = run(
+        job(output_schema=SCHEMA, json_repairs=["invalid_escapes", "duplicate_array_items"]),
+        lambda prompt: broken,
+        count=1,
+    )
+    (text,) = results[0].outputs["captions"]
+    assert json.loads(text) == {"tags": ["C:\\dir", "cat"]}
+    assert len(engine.calls) == 1, "no retry was needed"
+
+    results, engine = run(job(output_schema=SCHEMA), lambda prompt: broken, count=1)
+    assert results[0].error is not None and "invalid JSON" in results[0].error
+    assert len(engine.calls) == 2, "retried once, then failed"
+
+    # Only escapes repaired: valid JSON, duplicates kept as the model wrote them.
+    results, _ = run(
+        job(output_schema=SCHEMA, json_repairs=["invalid_escapes"]),
+        lambda prompt: broken,
+        count=1,
+    )
+    assert json.loads(results[0].outputs["captions"][0])["tags"] == ["C:\\dir", "cat", "cat"]

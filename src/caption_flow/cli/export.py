@@ -80,6 +80,11 @@ def _since(value: str | None) -> datetime | None:
     default="first",
     help="txt, webdataset: the first non-empty caption, the longest, or all (blank-line joined)",
 )
+@click.option(
+    "--json-fields",
+    help="jsonl: fields whose captions are JSON (a job's output_schema), comma-separated; "
+    "written as parsed JSON values instead of strings",
+)
 @click.option("--overwrite", is_flag=True, help="replace existing caption files and exports")
 @click.option(
     "--dataset-path", help="where this host sees the dataset (txt beside images, webdataset)"
@@ -104,6 +109,7 @@ def export_command(
     field: str | None,
     caption: Any,
     overwrite: bool,
+    json_fields: str | None,
     dataset_path: str | None,
     repo: str | None,
     private: bool,
@@ -133,6 +139,7 @@ def export_command(
         caption=caption,
         overwrite=overwrite,
         dataset=dataset,
+        json_fields=tuple(f.strip() for f in (json_fields or "").split(",") if f.strip()),
     )
     with Progress(
         TextColumn("[bold]exporting"),

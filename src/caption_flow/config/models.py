@@ -97,6 +97,12 @@ class ModelConfig(_Strict):
         description="a JSON schema every caption must match: sent to openai endpoints as "
         "response_format and checked on the worker and the orchestrator",
     )
+    json_repairs: list[Literal["invalid_escapes", "duplicate_array_items"]] = Field(
+        [],
+        description="repairs tried on a JSON caption before it is checked (output_schema): "
+        "invalid_escapes doubles a backslash that starts no JSON escape; "
+        "duplicate_array_items keeps the first of equal array elements",
+    )
     refusal_markers: list[str] = Field(
         ["I'm sorry", "I cannot", "I can't", "I am unable", "I'm unable"],
         description="a caption that starts with one of these (case-insensitive) is a refusal",

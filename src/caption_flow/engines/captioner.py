@@ -24,7 +24,7 @@ from caption_flow.engines.base import (
     Generation,
     GenerationRequest,
 )
-from caption_flow.engines.checks import EMPTY, caption_problem
+from caption_flow.engines.checks import EMPTY, caption_problem, repair_json
 from caption_flow.engines.factory import EngineKind, load_engine
 from caption_flow.engines.prompts import render_prompt
 from caption_flow.engines.spec import spec_from_job
@@ -212,9 +212,12 @@ class Captioner:
         becomes the item's failure reason; one still empty stays "" (an item with no text
         at all is failed downstream)."""
         schema = requests[0].output_schema if requests else None
+        repairs = job.json_repairs if schema is not None else []
         problems: dict[int, str] = {}
         for position, result in enumerate(results):
             if isinstance(result, Generation):
+                if repairs:
+                    result = results[position] = _repaired(result, repairs)
                 problem = caption_problem(result.text, job.refusal_markers, schema)
                 if problem is not None:
                     problems[position] = problem
@@ -239,6 +242,8 @@ class Captioner:
             if isinstance(second, str):
                 results[position] = f"{first}; the retry failed: {second}"
                 continue
+            if repairs:
+                second = _repaired(second, repairs)
             problem = caption_problem(second.text, job.refusal_markers, schema)
             if problem is None or problem == EMPTY:
                 results[position] = Generation(second.text, spent + second.tokens)
@@ -336,3 +341,11 @@ def _reason(exc: BaseException) -> str:
         return str(exc)
     logger.error("engine raised %s instead of EngineError", type(exc).__name__, exc_info=exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _repaired(generation: Generation, repairs: Sequence[str]) -> Generation:
+    """The generation with the job's JSON repairs applied to its text."""
+    text = repair_json(generation.text, repairs)
+    if text == generation.text:
+        return generation
+    return Generation(text, generation.tokens, generation.error)

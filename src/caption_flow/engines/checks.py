@@ -7,7 +7,8 @@ The captioner retries a caption that fails a check once (with the job's ``retry_
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -45,6 +46,52 @@ def schema_problem(text: str, schema: dict[str, Any]) -> str | None:
         return None
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"
     return f"JSON breaks the schema at {where}: {error.message}"[:_MAX_DETAIL_CHARS]
+
+
+_ESCAPE = re.compile(r"\\(.)", re.S)
+_JSON_ESCAPES = set('"\\/bfnrtu')
+
+
+def repair_json(text: str, repairs: Iterable[str]) -> str:
+    """``text`` with the named repairs applied (see ModelConfig.json_repairs); text that is
+    no JSON even after them is returned as it came, for the check to name the problem."""
+    repairs = set(repairs)
+    if not repairs:
+        return text
+    fixed = text
+    if "invalid_escapes" in repairs:
+        try:
+            json.loads(fixed)
+        except ValueError:
+            fixed = _ESCAPE.sub(
+                lambda m: m.group(0) if m.group(1) in _JSON_ESCAPES else "\\\\" + m.group(1),
+                fixed,
+            )
+    if "duplicate_array_items" in repairs:
+        try:
+            value = json.loads(fixed)
+        except ValueError:
+            return fixed
+        deduplicated = _without_duplicates(value)
+        if deduplicated != value:
+            fixed = json.dumps(deduplicated, ensure_ascii=False, separators=(",", ":"))
+    return fixed
+
+
+def _without_duplicates(value: Any) -> Any:
+    if isinstance(value, list):
+        kept: list[Any] = []
+        seen: set[str] = set()
+        for item in value:
+            item = _without_duplicates(item)
+            key = json.dumps(item, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                kept.append(item)
+        return kept
+    if isinstance(value, dict):
+        return {k: _without_duplicates(v) for k, v in value.items()}
+    return value
 
 
 def caption_problem(

@@ -42,6 +42,9 @@ class WriterOptions:
     caption: CaptionChoice = "first"
     overwrite: bool = False
     dataset: DatasetConfig | None = None
+    # jsonl: fields whose captions are JSON text (a job's output_schema), written as parsed
+    # JSON values; a caption that is no JSON stays a string.
+    json_fields: tuple[str, ...] = ()
 
 
 class Writer(Protocol):

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from caption_flow.errors import ConfigError
 from caption_flow.export.base import ExportResult, WriterOptions, require_output
+from caption_flow.export.reader import quote_name
 
 ISO_MS = "%Y-%m-%dT%H:%M:%S.%gZ"
 
@@ -34,15 +35,23 @@ class JsonlWriter:
             self._file = open(self._tmp, "wb")  # noqa: SIM115
         self._conn = duckdb.connect(":memory:")
         self._conn.execute("SET TimeZone='UTC'")
+        self.json_fields = options.json_fields
         self.result = ExportResult()
 
     def write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
             return
         self._conn.register("batch", batch)
-        as_text = f"strftime(timestamp, '{ISO_MS}') AS timestamp"
+        replaced = [f"strftime(timestamp, '{ISO_MS}') AS timestamp"]
+        for name in self.json_fields:
+            if name in batch.schema.names:
+                column = quote_name(name)
+                replaced.append(
+                    f"list_transform({column}, lambda x: CASE WHEN json_valid(x) THEN x::JSON "
+                    f"ELSE to_json(x) END) AS {column}"
+                )
         lines = self._conn.sql(
-            f"SELECT to_json(b) FROM (SELECT * REPLACE ({as_text}) FROM batch) AS b"
+            f"SELECT to_json(b) FROM (SELECT * REPLACE ({', '.join(replaced)}) FROM batch) AS b"
         ).to_arrow_table()
         self._conn.unregister("batch")
         text = "\n".join(lines.column(0).to_pylist()) + "\n"
