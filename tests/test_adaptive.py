@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from caption_flow.engines.adaptive import AdaptiveLimit, parse_retry_after
+from caption_flow.engines.adaptive import DECREASE, AdaptiveLimit, parse_retry_after
 
 
 def fill(limit: AdaptiveLimit, now: float) -> list:
@@ -21,29 +21,29 @@ def test_doubles_per_round_until_the_first_cut_then_grows_by_about_one() -> None
             limit.succeeded(ticket, 0.0)
     assert limit.limit == 16.0
     limit.failed(limit.start(1.0), 1.0, overloaded=True)
-    assert limit.limit == 8.0 and limit.cuts == 1
+    assert limit.limit == 16.0 * DECREASE and limit.cuts == 1
     for _ in range(3):  # additive now: +1/limit per success, about one per round
         for ticket in fill(limit, 2.0):
             limit.succeeded(ticket, 2.0)
-    assert 10.0 <= limit.limit < 11.5
+    assert 12.8 + 2.5 <= limit.limit < 12.8 + 3.0
     for _ in range(200):
         for ticket in fill(limit, 3.0):
             limit.succeeded(ticket, 3.0)
     assert limit.limit == 64.0 and limit.max_in_flight == 64 and limit.peak == 64.0
 
 
-def test_halves_once_per_round_of_overload_and_never_below_one() -> None:
+def test_cuts_once_per_round_of_overload_and_never_below_one() -> None:
     limit = AdaptiveLimit(8, 8)
     tickets = fill(limit, 0.0)
     assert len(tickets) == 8
     for ticket in tickets:  # eight failures of one round: one cut, not eight
         limit.failed(ticket, 1.0, overloaded=True)
-    assert limit.limit == 4.0 and limit.cuts == 1
-    for round_ in range(5):  # each later round: all fail, one more cut, floor at one
+    assert limit.limit == 8.0 * DECREASE and limit.cuts == 1
+    for round_ in range(12):  # each later round: all fail, one more cut, floor at one
         now = 2.0 + round_
         for ticket in fill(limit, now):
             limit.failed(ticket, now + 0.5, overloaded=True)
-    assert limit.limit == 1.0 and limit.cuts == 6
+    assert limit.limit == 1.0 and limit.cuts == 13
     assert limit.can_start(10.0), "never so low that nothing may start"
 
 
