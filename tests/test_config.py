@@ -9,6 +9,7 @@ import pytest
 from support import original_monitor_yaml, original_orchestrator_yaml, original_worker_yaml
 
 from caption_flow.cli.configs import (
+    dataworker_config,
     monitor_config,
     orchestrator_config,
     tls_overrides,
@@ -107,6 +108,9 @@ def test_shipped_examples_are_valid(isolated: Path) -> None:
     orch = orchestrator_config(str(EXAMPLES / "orchestrator.yaml"), {})
     work = worker_config(str(EXAMPLES / "worker.yaml"), {})
     watch = monitor_config(str(EXAMPLES / "monitor.yaml"), {})
+    feeder = dataworker_config(str(EXAMPLES / "dataworker.yaml"), {})
+    assert feeder.token == "change-me-dataworker" and feeder.threads == 0
+    assert orch.auth.dataworker_tokens and orch.prepare.buffer_memory_mb == 256
     assert orch.vllm.inference_prompts and work.server.startswith("ws")
     # Every key the original documents is spelled out in the shipped monitor.yaml.
     text = (EXAMPLES / "monitor.yaml").read_text()

@@ -142,7 +142,7 @@ class PrepDesk:
                 continue  # sent twice, or served meanwhile: nothing to keep
             # An item unreadable there is left for the orchestrator to read if asked.
             if item.error is None and item.data is not None:
-                accepted += await self._keep(message.chunk_id, item)
+                accepted += await self._keep(session, message.chunk_id, item)
             hold.remaining.discard(item.key)  # after the put: a waiting fetch finds it
             self._notify()
         hold.prepared += accepted
@@ -156,9 +156,10 @@ class PrepDesk:
         self._notify()
         await session.send(Ack(seq=message.seq, accepted=accepted))
 
-    async def _keep(self, chunk_id: str, item: ItemData) -> bool:
+    async def _keep(self, session: Session, chunk_id: str, item: ItemData) -> bool:
         """Put one item in the buffer; while it is full, stop reading this dataworker (TCP
-        pushes back) until workers take items, for at most ``lease_seconds``."""
+        pushes back) until workers take items, for at most ``lease_seconds``, and no longer
+        than its connection lasts (a gone dataworker's holds must end at once)."""
         deadline = time.monotonic() + self.config.lease_seconds
         while True:
             try:
@@ -166,7 +167,14 @@ class PrepDesk:
                 return True
             except BufferFull:
                 left = deadline - time.monotonic()
-                if left <= 0 or not await self.buffer.wait_for_room(left):
+                if left <= 0:
+                    return False
+                room = asyncio.ensure_future(self.buffer.wait_for_room(left))
+                closed = asyncio.ensure_future(session.websocket.wait_closed())
+                done, _ = await asyncio.wait({room, closed}, return_when=asyncio.FIRST_COMPLETED)
+                room.cancel()
+                closed.cancel()
+                if room not in done or not room.result():
                     return False
 
     def _refusal(self, session: Session, message: Prepared) -> str | None:

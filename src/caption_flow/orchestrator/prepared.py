@@ -52,6 +52,7 @@ class PreparedBuffer:
         self.served = 0  # items the orchestrator read itself (counted by the item server)
         self._chunks: dict[str, dict[str, _Entry]] = {}
         self._files: dict[str, tuple[Path, int]] = {}  # chunk -> spill file and its size
+        self._refused = 0  # size of the last item that did not fit (0: none since)
         self._room = asyncio.Event()
         self._room.set()
 
@@ -63,7 +64,12 @@ class PreparedBuffer:
 
     # -- filling --------------------------------------------------------------------------
     def has_room(self) -> bool:
-        return self.memory_bytes < self.memory_limit or self.disk_bytes < self.disk_limit
+        """Whether an item may fit: one as large as the last refused, or any at all."""
+        need = max(self._refused, 1)
+        return (
+            self.memory_bytes + need <= self.memory_limit
+            or self.disk_bytes + need <= self.disk_limit
+        )
 
     async def wait_for_room(self, timeout: float) -> bool:
         """Wait until an item may fit; False when ``timeout`` passed first."""
@@ -88,8 +94,10 @@ class PreparedBuffer:
         elif self.disk_bytes + size <= self.disk_limit:
             entry = self._spill(chunk_id, encoded)
         else:
+            self._refused = size
             self._update_room()
             raise BufferFull(f"no room for {size} bytes")
+        self._refused = 0
         self._chunks.setdefault(chunk_id, {})[item.key] = entry
         self.items += 1
         self._update_room()

@@ -326,7 +326,9 @@ class Orchestrator:
             count_sent=self.metrics.bytes_out.inc,
         )
         websocket.protocol.max_message_size = (
-            self.config.max_message_bytes if session.role == "worker" else CONTROL_MAX_BYTES
+            self.config.max_message_bytes
+            if session.role in ("worker", "dataworker")
+            else CONTROL_MAX_BYTES
         )
         resumed: list[str] = []
         if session.role == "worker" and hello.held_chunks and self.desk is not None:
