@@ -56,6 +56,7 @@ class Generation:
     text: str
     tokens: int = 0
     error: str | None = None
+    model: str = ""  # who answered, where it is not the engine's own model (an endpoint's)
 
 
 class Engine(Protocol):
@@ -90,3 +91,4 @@ class CaptionOutput:
     outputs: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
     tokens: int = 0
+    model: str = ""  # the models that answered, where the engines said (else the job's)

@@ -86,6 +86,7 @@ class _ItemState:
     outputs: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
     tokens: int = 0
+    models: dict[str, None] = field(default_factory=dict)  # answering models, in order
 
 
 # One request's result: the generation, or why it failed.
@@ -155,7 +156,12 @@ class Captioner:
             engine = self._engine(specs[stage.name])
             self._run_stage(engine, stage, job, batch, states, alive)
         return [
-            CaptionOutput(outputs={} if s.error else s.outputs, error=s.error, tokens=s.tokens)
+            CaptionOutput(
+                outputs={} if s.error else s.outputs,
+                error=s.error,
+                tokens=s.tokens,
+                model=",".join(s.models),
+            )
             for s in states
         ]
 
@@ -191,6 +197,8 @@ class Captioner:
                     state.error = f"stage {stage.name}: {result}"
                 continue
             state.tokens += result.tokens
+            if result.model:
+                state.models[result.model] = None
             # One entry per prompt, in prompt order, "" where the engine produced nothing:
             # with several prompts, an entry is matched to its prompt by position.
             texts[index].append(result.text.strip())
@@ -246,7 +254,9 @@ class Captioner:
                 second = _repaired(second, repairs)
             problem = caption_problem(second.text, job.refusal_markers, schema)
             if problem is None or problem == EMPTY:
-                results[position] = Generation(second.text, spent + second.tokens)
+                results[position] = Generation(
+                    second.text, spent + second.tokens, model=second.model
+                )
             else:
                 results[position] = f"{problem} (after a retry)"
 
@@ -348,4 +358,4 @@ def _repaired(generation: Generation, repairs: Sequence[str]) -> Generation:
     text = repair_json(generation.text, repairs)
     if text == generation.text:
         return generation
-    return Generation(text, generation.tokens, generation.error)
+    return Generation(text, generation.tokens, generation.error, generation.model)

@@ -315,7 +315,7 @@ class OpenAIEngine:
             raise _Attempt(
                 f"{endpoint.config.name} sent non-text content", overloaded=False, final=False
             )
-        return Generation(content, tokens)
+        return Generation(content, tokens, model=endpoint.config.model)
 
     def close(self) -> None:
         if not self._loop.is_running():

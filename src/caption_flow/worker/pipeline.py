@@ -195,7 +195,14 @@ class ChunkPipeline:
                 )
                 parts.appendleft(part)
                 continue
-            await emit(chunk_id, results, self.captioner.model_name(current))
+            # One message per model: rows record the model that answered them (the openai
+            # engine spreads a batch over endpoints that may serve different models).
+            default = self.captioner.model_name(current)
+            by_model: dict[str, list[ItemResult]] = {}
+            for result, model in results:
+                by_model.setdefault(model or default, []).append(result)
+            for model, group in by_model.items():
+                await emit(chunk_id, group, model)
 
     async def _produce(
         self,
@@ -242,7 +249,10 @@ class ChunkPipeline:
         await out.put(None)
         return failure
 
-    async def _caption(self, batch: Sequence[Decoded], job: ModelConfig) -> list[ItemResult]:
+    async def _caption(
+        self, batch: Sequence[Decoded], job: ModelConfig
+    ) -> list[tuple[ItemResult, str]]:
+        """Each item's result and the model that answered it ("": the job's)."""
         ready = [d for d in batch if d.caption_input is not None]
         outputs = []
         if ready:
@@ -255,18 +265,21 @@ class ChunkPipeline:
             self.clock.tokens += sum(o.tokens for o in outputs)
         by_id = {d.item_id: o for d, o in zip(ready, outputs, strict=True)}
         now = time.monotonic()
-        results = []
+        results: list[tuple[ItemResult, str]] = []
         for d in batch:
             out = by_id.get(d.item_id)
             results.append(
-                ItemResult(
-                    item_id=d.item_id,
-                    key=d.key,
-                    outputs=out.outputs if out is not None else {},
-                    error=d.error if out is None else out.error,
-                    width=d.width,
-                    height=d.height,
-                    processing_ms=round((now - d.started) * 1000, 2),
+                (
+                    ItemResult(
+                        item_id=d.item_id,
+                        key=d.key,
+                        outputs=out.outputs if out is not None else {},
+                        error=d.error if out is None else out.error,
+                        width=d.width,
+                        height=d.height,
+                        processing_ms=round((now - d.started) * 1000, 2),
+                    ),
+                    out.model if out is not None else "",
                 )
             )
         self.clock.items += len(results)
