@@ -161,7 +161,7 @@ def test_the_openai_engine_gets_the_same_retry_against_the_stand_in() -> None:
     assert all(r["response_format"]["json_schema"]["schema"] == SCHEMA for r in server.requests)
 
 
-def test_the_orchestrator_accepts_only_json_in_fields_with_a_schema() -> None:
+def test_the_orchestrator_accepts_only_json_matching_the_schema_in_its_fields() -> None:
     rules = JobRules.of(job(output_schema=SCHEMA))
     assert rules.json_fields == {"captions"}
 
@@ -170,7 +170,18 @@ def test_the_orchestrator_accepts_only_json_in_fields_with_a_schema() -> None:
 
     assert check_items([item('{"tags": []}')], rules) is None
     assert check_items([item("")], rules) is None, "no text is the store's NO_TEXT, not bad JSON"
-    assert check_items([item("{tags")], rules) == "item 1: a 'captions' entry is not valid JSON"
+    assert check_items([item("{tags")], rules) == "item 1: a 'captions' entry: not valid JSON"
+    # Valid JSON that breaks the schema is refused too (a worker that skipped its check).
+    wrong = check_items([item('{"tags": "not a list"}')], rules)
+    assert wrong is not None and "breaks the schema at tags" in wrong
+    # While workers switch jobs, either job's schema passes; a field only one job
+    # constrains is not checked.
+    other = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    both = rules.merged(JobRules.of(job(output_schema=other)))
+    assert check_items([item('{"tags": []}')], both) is None
+    assert check_items([item('{"n": 3}')], both) is None
+    assert check_items([item('{"x": 3}')], both) is not None
+    assert rules.merged(JobRules.of(job())).json_fields == frozenset()
     deep = "[" * 3000 + "]" * 3000
     assert check_items([item(deep)], rules) is not None, "deep nesting is refused, no crash"
     assert check_items([item("{tags")], JobRules.of(job())) is None, "no schema, no JSON rule"

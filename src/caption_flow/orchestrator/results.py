@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
 from caption_flow.config.models import ModelConfig
 from caption_flow.engines.captioner import job_stages
+from caption_flow.engines.checks import schema_problem
 from caption_flow.protocol.messages import ItemResult, Results
 from caption_flow.storage.rows import JournalRecord, encode_record, is_failure
 from caption_flow.storage.state import JournalBatch
@@ -31,17 +32,22 @@ CAPTION_SLACK_CHARS = 256
 @dataclass(frozen=True)
 class JobRules:
     """What a job's results may contain: entries per output field, and caption length;
-    ``json_fields``: the fields whose stage has an ``output_schema`` (their non-empty
-    entries must be JSON)."""
+    ``json_schemas``: per field whose stage has an ``output_schema``, the schemas (as JSON
+    text) its non-empty entries must match, any one of them (two while workers switch
+    jobs). The worker checked them already; a hostile or buggy one is checked here again."""
 
     fields: dict[str, int]
     max_caption_chars: int
-    json_fields: frozenset[str] = frozenset()
+    json_schemas: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def json_fields(self) -> frozenset[str]:
+        return frozenset(self.json_schemas)
 
     @classmethod
     def of(cls, job: ModelConfig) -> JobRules:
         fields: dict[str, int] = {}
-        json_fields: set[str] = set()
+        json_schemas: dict[str, frozenset[str]] = {}
         max_tokens = job.sampling.max_tokens
         if job.retry_sampling is not None:
             max_tokens = max(max_tokens, job.retry_sampling.max_tokens)
@@ -50,10 +56,14 @@ class JobRules:
             for sampling in (stage.sampling, stage.retry_sampling):
                 if sampling is not None:
                     max_tokens = max(max_tokens, sampling.max_tokens)
-            if (stage.output_schema or job.output_schema) is not None:
-                json_fields.add(stage.output_field)
+            schema = stage.output_schema or job.output_schema
+            if schema is not None:
+                text = json.dumps(schema, sort_keys=True)
+                json_schemas[stage.output_field] = json_schemas.get(
+                    stage.output_field, frozenset()
+                ) | {text}
         chars = max_tokens * CHARS_PER_TOKEN + CAPTION_SLACK_CHARS
-        return cls(fields, chars, frozenset(json_fields))
+        return cls(fields, chars, json_schemas)
 
     def merged(self, other: JobRules) -> JobRules:
         """Either job's results pass: a worker finishes its batch on the job it started."""
@@ -61,7 +71,11 @@ class JobRules:
         for name, count in other.fields.items():
             fields[name] = max(fields.get(name, 0), count)
         chars = max(self.max_caption_chars, other.max_caption_chars)
-        return JobRules(fields, chars, self.json_fields & other.json_fields)
+        schemas = {
+            name: self.json_schemas[name] | other.json_schemas[name]
+            for name in self.json_schemas.keys() & other.json_schemas.keys()
+        }
+        return JobRules(fields, chars, schemas)
 
 
 def check_items(items: Iterable[ItemResult], rules: JobRules) -> str | None:
@@ -81,9 +95,27 @@ def check_items(items: Iterable[ItemResult], rules: JobRules) -> str | None:
                         f"item {item.item_id}: a {name!r} entry of {len(text)} characters "
                         f"(the job allows {rules.max_caption_chars})"
                     )
-                if name in rules.json_fields and text and not is_json(text):
-                    return f"item {item.item_id}: a {name!r} entry is not valid JSON"
+                schemas = rules.json_schemas.get(name)
+                if schemas and text:
+                    problem = json_problem(text, schemas)
+                    if problem is not None:
+                        return f"item {item.item_id}: a {name!r} entry: {problem}"
     return None
+
+
+def json_problem(text: str, schemas: Iterable[str]) -> str | None:
+    """Why ``text`` matches none of ``schemas`` (JSON texts), or None when it matches one."""
+    if not is_json(text):
+        return "not valid JSON"
+    problem = None
+    for schema in schemas:
+        try:
+            problem = schema_problem(text, json.loads(schema))
+        except RecursionError:
+            return "JSON nested too deeply"
+        if problem is None:
+            return None
+    return problem
 
 
 def is_json(text: str) -> bool:
