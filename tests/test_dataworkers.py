@@ -211,3 +211,51 @@ def test_dataworker_tokens_load_from_the_auth_section() -> None:
         {"dataworker_tokens": [{"name": "feeder", "token": "dataworker-token-xyz"}]}
     )
     assert auth.dataworker_tokens[0].name == "feeder"
+
+
+async def test_chunks_of_a_worker_that_said_it_cannot_read_come_first(
+    tmp_path: Path, tiny_model_dir: Path, image_folder
+) -> None:
+    """A worker's hello says ``reads_dataset: false``: its leased chunk is prepared before the
+    queue's next ones, even before its first fetch."""
+    from support import WORKER_TOKENS
+    from websockets.asyncio.client import connect
+
+    from caption_flow.protocol.messages import (
+        Assign,
+        Hello,
+        PrepAssign,
+        PrepRequest,
+        Request,
+        decode,
+        encode,
+    )
+
+    images = image_folder(12, size=SIZE)
+    orch = Orchestrator(config_for(tmp_path, images[0].parent, tiny_model_dir))
+    await orch.start()
+    url = f"ws://127.0.0.1:{orch.port}"
+    try:
+        async with connect(url) as gpu, connect(url) as feeder:
+
+            async def next_of(ws: Any, kind: type) -> Any:
+                async with asyncio.timeout(10 * TIME_UNIT):
+                    while not isinstance(message := decode(await ws.recv()), kind):
+                        pass
+                return message
+
+            hello = Hello(
+                role="worker",
+                token=WORKER_TOKENS["alice"],
+                capabilities={"reads_dataset": False},
+            )
+            await gpu.send(encode(hello))
+            await gpu.send(encode(Request(count=1)))
+            leased = (await next_of(gpu, Assign)).chunks[0].chunk_id
+            await feeder.send(encode(Hello(role="dataworker", token=DATAWORKER_TOKENS["feeder-1"])))
+            await feeder.send(encode(PrepRequest(count=1)))
+            assign = await next_of(feeder, PrepAssign)
+            assert [c.chunk_id for c in assign.chunks] == [leased]
+            assert assign.image["max_side"] == MAX_SIDE
+    finally:
+        await orch.stop()

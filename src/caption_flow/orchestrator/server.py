@@ -324,6 +324,8 @@ class Orchestrator:
             outstanding=asyncio.Semaphore(self.config.limits.max_outstanding_results),
             capabilities=shown_capabilities(hello.capabilities),
             count_sent=self.metrics.bytes_out.inc,
+            # Said in the hello: dataworkers prepare its chunks before its first fetch.
+            reads_remote=hello.capabilities.get("reads_dataset") is False,
         )
         websocket.protocol.max_message_size = (
             self.config.max_message_bytes
