@@ -24,14 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection as WSClient
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from caption_flow.config.models import DatasetConfig, DataWorkerConfig
-from caption_flow.errors import AuthError, ImageError, ProtocolError
+from caption_flow.errors import ImageError, ProtocolError
 from caption_flow.images.pool import usable_cores
 from caption_flow.images.prepare import PrepareSettings, prepare_image
-from caption_flow.protocol.connection import CLOSE_BAD_TOKEN, ClientConnection
+from caption_flow.protocol.connection import ClientConnection
+from caption_flow.protocol.dial import dataset_with_credentials, dial, refusal
 from caption_flow.protocol.messages import (
     MAX_PREPARED_ITEMS,
     Ack,
@@ -47,13 +47,10 @@ from caption_flow.protocol.messages import (
     Welcome,
     encode,
 )
-from caption_flow.security.client_tls import client_ssl_context
 from caption_flow.sources import open_source
 from caption_flow.sources.base import Source, SourceItem, take_items
 
 log = logging.getLogger(__name__)
-
-FATAL_CLOSE_CODES = {CLOSE_BAD_TOKEN, 4003, 4426}
 
 
 def prepare_item(item: SourceItem, settings: PrepareSettings) -> ItemData:
@@ -91,24 +88,13 @@ class DataWorker:
         try:
             while not self.stopped.is_set():
                 try:
-                    async with connect(
-                        self.config.server,
-                        max_size=None,
-                        compression=None,
-                        ping_interval=20,
-                        ping_timeout=60,
-                        ssl=client_ssl_context(self.config.server, self.config.verify_ssl),
-                        open_timeout=10,
-                    ) as ws:
+                    async with dial(self.config.server, self.config.verify_ssl) as ws:
                         delay = 0.5
                         await self._session(ws)
                 except ConnectionClosed as exc:
-                    code = exc.rcvd.code if exc.rcvd is not None else None
-                    if code in FATAL_CLOSE_CODES:
-                        reason = exc.rcvd.reason if exc.rcvd is not None else ""
-                        raise AuthError(
-                            f"orchestrator refused this dataworker ({code}): {reason}"
-                        ) from None
+                    refused = refusal(exc, "dataworker")
+                    if refused is not None:
+                        raise refused from None
                     log.warning("connection lost (%s); reconnecting", exc)
                 except InvalidURI as exc:
                     raise ProtocolError(f"bad server URL: {exc}") from None
@@ -169,15 +155,10 @@ class DataWorker:
                 await ws.close()
 
     def _open_dataset(self, config: dict[str, Any]) -> None:
-        settings = dict(config.get("dataset") or {})
+        settings = config.get("dataset")
         if not settings:
             raise ProtocolError("the orchestrator sent no dataset")
-        if self.config.dataset_storage_options:
-            settings["storage_options"] = {
-                **(settings.get("storage_options") or {}),
-                **self.config.dataset_storage_options,
-            }
-        dataset = DatasetConfig.model_validate(settings)
+        dataset = dataset_with_credentials(settings, self.config.dataset_storage_options)
         if dataset != self.dataset:
             self.dataset = dataset
             self.source = open_source(dataset, path_override=self.config.dataset_path)

@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection as WSClient
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from caption_flow.config.models import DatasetConfig, ImageConfig, ModelConfig, WorkerConfig
@@ -32,7 +31,8 @@ from caption_flow.engines.captioner import Captioner
 from caption_flow.engines.openai_engine import openai_loader, worker_model
 from caption_flow.errors import AuthError, EngineUnavailableError, ProtocolError, SourceError
 from caption_flow.images.pool import DecodePool
-from caption_flow.protocol.connection import CLOSE_BAD_TOKEN, ClientConnection
+from caption_flow.protocol.connection import ClientConnection
+from caption_flow.protocol.dial import dataset_with_credentials, dial, refusal
 from caption_flow.protocol.messages import (
     MAX_HELD_CHUNKS,
     Ack,
@@ -50,7 +50,6 @@ from caption_flow.protocol.messages import (
     Welcome,
     encode,
 )
-from caption_flow.security.client_tls import client_ssl_context
 from caption_flow.sources import open_source
 from caption_flow.sources.base import Source
 from caption_flow.worker.outbox import AckLog, Outbox
@@ -59,7 +58,6 @@ from caption_flow.worker.remote_source import RemoteSource, reads_dataset
 
 log = logging.getLogger(__name__)
 
-FATAL_CLOSE_CODES = {CLOSE_BAD_TOKEN, 4003, 4426}
 MAX_REASON_CHARS = 1000  # the protocol allows more; a reason is for people, not a dump
 SETTLE_BEFORE_RELEASE_SECONDS = 10.0  # results sent before a release should land first
 
@@ -138,27 +136,16 @@ class Worker:
         delay = 0.5
         while not self.stopped.is_set():
             try:
-                async with connect(
-                    self.config.server,
-                    max_size=None,
-                    compression=None,
-                    ping_interval=20,
-                    ping_timeout=60,
-                    ssl=client_ssl_context(self.config.server, self.config.verify_ssl),
-                    open_timeout=10,
-                ) as ws:
+                async with dial(self.config.server, self.config.verify_ssl) as ws:
                     self._ws = ws
                     delay = 0.5
                     await self._session(ws)
             except AuthError:
                 raise
             except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd is not None else None
-                if code in FATAL_CLOSE_CODES:
-                    reason = exc.rcvd.reason if exc.rcvd is not None else ""
-                    raise AuthError(
-                        f"orchestrator refused this worker ({code}): {reason}"
-                    ) from None
+                refused = refusal(exc, "worker")
+                if refused is not None:
+                    raise refused from None
                 log.warning("connection lost (%s); reconnecting", exc)
             except ssl.SSLCertVerificationError as exc:
                 # Not transient: retrying would wait forever on a certificate nobody trusts.
@@ -302,13 +289,7 @@ class Worker:
         wanted = payload.get("heartbeat_seconds")
         if isinstance(wanted, (int, float)) and wanted > 0:
             self.job_heartbeat_seconds = float(wanted)
-        settings = dict(payload["dataset"])
-        if self.config.dataset_storage_options:
-            settings["storage_options"] = {
-                **(settings.get("storage_options") or {}),
-                **self.config.dataset_storage_options,
-            }
-        dataset = DatasetConfig.model_validate(settings)
+        dataset = dataset_with_credentials(payload["dataset"], self.config.dataset_storage_options)
         if dataset != self.dataset:
             self.dataset = dataset
             if self._reads_dataset():
