@@ -259,3 +259,56 @@ async def test_chunks_of_a_worker_that_said_it_cannot_read_come_first(
             assert assign.image["max_side"] == MAX_SIDE
     finally:
         await orch.stop()
+
+
+async def test_items_a_worker_already_has_are_not_prepared_again(
+    tmp_path: Path, tiny_model_dir: Path, image_folder
+) -> None:
+    """Items sent to the worker holding a chunk (here read by the orchestrator itself) are
+    not handed to a dataworker to prepare again while that worker holds the chunk."""
+    from support import WORKER_TOKENS
+    from websockets.asyncio.client import connect
+
+    from caption_flow.protocol.messages import (
+        Assign,
+        Fetch,
+        Hello,
+        Items,
+        PrepAssign,
+        PrepRequest,
+        Request,
+        decode,
+        encode,
+    )
+
+    images = image_folder(12, size=SIZE)
+    orch = Orchestrator(config_for(tmp_path, images[0].parent, tiny_model_dir))
+    await orch.start()
+    url = f"ws://127.0.0.1:{orch.port}"
+    try:
+        async with connect(url, max_size=None) as gpu, connect(url) as feeder:
+
+            async def next_of(ws: Any, kind: type) -> Any:
+                async with asyncio.timeout(10 * TIME_UNIT):
+                    while not isinstance(message := decode(await ws.recv()), kind):
+                        pass
+                return message
+
+            hello = Hello(
+                role="worker", token=WORKER_TOKENS["alice"], capabilities={"reads_dataset": False}
+            )
+            await gpu.send(encode(hello))
+            await gpu.send(encode(Request(count=1)))
+            lease = (await next_of(gpu, Assign)).chunks[0]
+            keys = [ref.key for ref in lease.items]
+            await gpu.send(encode(Fetch(chunk_id=lease.chunk_id, keys=keys[:2])))
+            got = await next_of(gpu, Items)
+            assert [i.key for i in got.items] == keys[:2] and got.last
+
+            await feeder.send(encode(Hello(role="dataworker", token=DATAWORKER_TOKENS["feeder-1"])))
+            await feeder.send(encode(PrepRequest(count=1)))
+            (prep,) = (await next_of(feeder, PrepAssign)).chunks
+            # The worker's own chunk comes first, with only the keys it does not have yet.
+            assert prep.chunk_id == lease.chunk_id and prep.keys == keys[2:]
+    finally:
+        await orch.stop()

@@ -172,6 +172,8 @@ class ItemServer:
                     item = taken or await self._read_one(lease[0], key)
                 reply.append(item)
                 size += len(item.data or b"")
+                if self.prep is not None:
+                    self.prep.delivered(chunk_id, session.session_id, (key,))
                 last = position == len(keys) - 1
                 if size >= self.reply_bytes or last:
                     if last:  # free the session for its next fetch before it can arrive

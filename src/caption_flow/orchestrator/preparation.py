@@ -78,6 +78,9 @@ class PrepDesk:
         self.fetching_sessions = fetching_sessions  # workers that fetch over the connection
         self.max_item_bytes = int(config.max_item_mb * 1024 * 1024)
         self.holds: dict[str, PrepHold] = {}
+        # Keys already sent to the worker holding the chunk (from the buffer or read here):
+        # not to be prepared again while that worker holds it. chunk -> (session, keys)
+        self._delivered: dict[str, tuple[str, set[str]]] = {}
         self._by_session: dict[str, set[str]] = {}
         self._changed = asyncio.Event()
         self.stats = PrepStats()
@@ -97,7 +100,12 @@ class PrepDesk:
         for chunk_id in self._candidates():
             if len(leases) >= count:
                 break
-            keys = [k for k in self.chunk_keys(chunk_id) if not self.buffer.has(chunk_id, k)]
+            sent = self._sent_to_holder(chunk_id)
+            keys = [
+                k
+                for k in self.chunk_keys(chunk_id)
+                if k not in sent and not self.buffer.has(chunk_id, k)
+            ]
             if not keys:
                 continue
             hold = PrepHold(
@@ -113,7 +121,8 @@ class PrepDesk:
         """Chunks worth preparing, most urgent first, not held by a dataworker already."""
         urgent: list[str] = []
         for session_id in self.fetching_sessions():
-            urgent.extend(sorted(self.book.held_by(session_id)))
+            held = self.book.held_by(session_id)
+            urgent.extend(sorted(held, key=lambda c: self.book.chunks[c].first_item))
         ahead = self.book.upcoming(self.config.ahead_chunks)
         seen: set[str] = set()
         out = []
@@ -225,12 +234,32 @@ class PrepDesk:
             chunk = self.book.chunks.get(chunk_id)
             if chunk is None or chunk.status in (ChunkStatus.DONE, ChunkStatus.FAILED):
                 self.buffer.drop_chunk(chunk_id)
+        for chunk_id in list(self._delivered):
+            chunk = self.book.chunks.get(chunk_id)
+            if chunk is None or chunk.status is not ChunkStatus.LEASED:
+                del self._delivered[chunk_id]
 
     # -- for the item server ---------------------------------------------------------------
     def preparing(self, chunk_id: str, key: str) -> bool:
         """Whether a connected dataworker still owes this item."""
         hold = self.holds.get(chunk_id)
         return hold is not None and key in hold.remaining
+
+    def delivered(self, chunk_id: str, session_id: str, keys: Iterable[str]) -> None:
+        """These items were sent to ``session_id``, which holds the chunk."""
+        holder, sent = self._delivered.get(chunk_id, (session_id, set()))
+        if holder != session_id:
+            sent = set()
+        sent.update(keys)
+        self._delivered[chunk_id] = (session_id, sent)
+
+    def _sent_to_holder(self, chunk_id: str) -> set[str]:
+        """Keys the chunk's current holder already has (none once it changed hands)."""
+        entry = self._delivered.get(chunk_id)
+        chunk = self.book.chunks[chunk_id]
+        if entry is None or chunk.status is not ChunkStatus.LEASED or chunk.holder != entry[0]:
+            return set()
+        return entry[1]
 
     def forget(self, chunk_id: str, keys: Iterable[str]) -> None:
         """The orchestrator served these items itself: no dataworker needs to send them."""

@@ -11,6 +11,7 @@ never reads faster than this worker consumes. A lost connection or a refusal fai
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -94,13 +95,31 @@ class RemoteSource:
 
     # -- in the pipeline's reader thread --------------------------------------------------
     def read_chunk(self, chunk_id: str, keys: Sequence[str]) -> Iterator[SourceItem]:
-        for start in range(0, len(keys), self.fetch_keys):
-            batch = list(keys[start : start + self.fetch_keys])
-            future = asyncio.run_coroutine_threadsafe(self.fetch(chunk_id, batch), self._loop)
-            for item in future.result():
-                yield SourceItem(
-                    item.key, item.data, dict(item.columns), item.error, item.width, item.height
-                )
+        """The chunk's items, one fetch ahead: the next fetch is asked for as soon as the
+        last one arrived, so the orchestrator reads (and prepares) it while this worker
+        captions; at most two fetches' items are held here."""
+        batches = [
+            list(keys[i : i + self.fetch_keys]) for i in range(0, len(keys), self.fetch_keys)
+        ]
+        # A fetch left behind when the reader stops early is not cancelled: it finishes on
+        # the loop, and the next chunk's first fetch waits for it (one fetch at a time).
+        ahead = self._submit(chunk_id, batches[0]) if batches else None
+        for index in range(len(batches)):
+            assert ahead is not None
+            items = ahead.result()
+            following = index + 1 < len(batches)
+            ahead = self._submit(chunk_id, batches[index + 1]) if following else None
+            yield from self._items(items)
+
+    def _submit(self, chunk_id: str, keys: list[str]) -> concurrent.futures.Future[list[ItemData]]:
+        return asyncio.run_coroutine_threadsafe(self.fetch(chunk_id, keys), self._loop)
+
+    @staticmethod
+    def _items(items: list[ItemData]) -> Iterator[SourceItem]:
+        for item in items:
+            yield SourceItem(
+                item.key, item.data, dict(item.columns), item.error, item.width, item.height
+            )
 
 
 class ChunkReader:
