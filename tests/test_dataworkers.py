@@ -312,3 +312,87 @@ async def test_items_a_worker_already_has_are_not_prepared_again(
             assert prep.chunk_id == lease.chunk_id and prep.keys == keys[2:]
     finally:
         await orch.stop()
+
+
+async def test_a_full_buffer_makes_room_for_what_a_worker_waits_for(
+    tmp_path: Path, tiny_model_dir: Path, image_folder
+) -> None:
+    """Read-ahead items (a chunk nobody holds) are pushed out by items of a chunk a worker
+    holds; and a full buffer still hands out a chunk a worker holds to prepare."""
+    import msgspec
+    from support import WORKER_TOKENS
+    from websockets.asyncio.client import connect
+
+    from caption_flow.dataworker.client import prepare_item
+    from caption_flow.images.prepare import PrepareSettings
+    from caption_flow.protocol.messages import (
+        Ack,
+        Assign,
+        Hello,
+        Prepared,
+        PrepAssign,
+        PrepRequest,
+        Request,
+        decode,
+        encode,
+    )
+    from caption_flow.sources import open_source
+
+    images = image_folder(12, size=SIZE)
+    config = config_for(tmp_path, images[0].parent, tiny_model_dir)
+    source = open_source(config.dataset)
+    settings = PrepareSettings(config.vllm.image, "jpeg", 90)
+    # The buffer holds exactly the first chunk's prepared items (as the buffer encodes them).
+    first_items = [
+        prepare_item(i, settings) for i in source.read(".", [p.name for p in images[:4]])
+    ]
+    exact = sum(len(msgspec.msgpack.encode(i)) for i in first_items)
+    prepare = PrepareConfig(
+        ahead_chunks=2, buffer_memory_mb=(exact + 0.5) / 1024 / 1024, buffer_disk_mb=0
+    )
+    orch = Orchestrator(config.model_copy(update={"prepare": prepare}))
+    await orch.start()
+    url = f"ws://127.0.0.1:{orch.port}"
+    try:
+        async with connect(url) as gpu, connect(url) as d1, connect(url) as d2:
+
+            async def next_of(ws: Any, kind: type) -> Any:
+                async with asyncio.timeout(10 * TIME_UNIT):
+                    while not isinstance(message := decode(await ws.recv()), kind):
+                        pass
+                return message
+
+            async def send_prepared(ws: Any, seq: int, chunk_id: str, items: list[Any]) -> int:
+                await ws.send(encode(Prepared(chunk_id=chunk_id, seq=seq, items=items)))
+                return int((await next_of(ws, Ack)).accepted)
+
+            hello = Hello(
+                role="worker", token=WORKER_TOKENS["alice"], capabilities={"reads_dataset": False}
+            )
+            await gpu.send(encode(hello))
+            await gpu.send(encode(Request(count=1)))
+            (leased,) = (await next_of(gpu, Assign)).chunks
+            for ws, name in ((d1, "feeder-1"), (d2, "feeder-2")):
+                await ws.send(encode(Hello(role="dataworker", token=DATAWORKER_TOKENS[name])))
+            await d1.send(encode(PrepRequest(count=2)))
+            # The worker's chunk first, then the queue's next one (read-ahead).
+            first, second = (await next_of(d1, PrepAssign)).chunks
+            assert first.chunk_id == leased.chunk_id
+            assert first.keys == [p.name for p in images[:4]]
+            ahead = [prepare_item(i, settings) for i in source.read(".", second.keys[:2])]
+            assert await send_prepared(d1, 1, second.chunk_id, ahead) == 2
+
+            # The worker's chunk goes in whole; the read-ahead makes way for it.
+            assert await send_prepared(d1, 2, first.chunk_id, first_items) == 4
+            assert not any(orch.buffer.has(second.chunk_id, k) for k in second.keys)
+            assert all(orch.buffer.has(first.chunk_id, k) for k in first.keys)
+            assert not orch.buffer.has_room(), "the worker's chunk filled the buffer"
+
+            # Full, yet a chunk the worker holds and nobody prepares is still handed out.
+            await gpu.send(encode(Request(count=2)))
+            more = [c.chunk_id for c in (await next_of(gpu, Assign)).chunks]
+            assert more[0] == second.chunk_id  # held by feeder-1 for preparation
+            await d2.send(encode(PrepRequest(count=2)))
+            assert [c.chunk_id for c in (await next_of(d2, PrepAssign)).chunks] == more[1:]
+    finally:
+        await orch.stop()

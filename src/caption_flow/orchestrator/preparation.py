@@ -93,11 +93,13 @@ class PrepDesk:
         image = self.settings().to_wire()
         if self.book.finished:
             return PrepAssign(finished=True)
-        if not self.buffer.has_room():
+        # A full buffer still takes what a worker waits for now (read-ahead makes room).
+        candidates = self._candidates(urgent_only=not self.buffer.has_room())
+        if not candidates:
             return PrepAssign(image=image, retry_after=RETRY_SECONDS)
         now = time.monotonic()
         leases: list[PrepLease] = []
-        for chunk_id in self._candidates():
+        for chunk_id in candidates:
             if len(leases) >= count:
                 break
             sent = self._sent_to_holder(chunk_id)
@@ -108,6 +110,7 @@ class PrepDesk:
             ]
             if not keys:
                 continue
+            log.debug("%d items of %s to prepare by %s", len(keys), chunk_id, session_id)
             hold = PrepHold(
                 session_id, chunk_id, set(keys), set(keys), now + self.config.lease_seconds
             )
@@ -117,13 +120,11 @@ class PrepDesk:
             leases.append(PrepLease(chunk_id, shard, keys, time.time() + self.config.lease_seconds))
         return PrepAssign(chunks=leases, image=image, retry_after=0.0 if leases else RETRY_SECONDS)
 
-    def _candidates(self) -> list[str]:
-        """Chunks worth preparing, most urgent first, not held by a dataworker already."""
-        urgent: list[str] = []
-        for session_id in self.fetching_sessions():
-            held = self.book.held_by(session_id)
-            urgent.extend(sorted(held, key=lambda c: self.book.chunks[c].first_item))
-        ahead = self.book.upcoming(self.config.ahead_chunks)
+    def _candidates(self, urgent_only: bool = False) -> list[str]:
+        """Chunks worth preparing, most urgent (leased to a worker that fetches) first, then
+        the queue's next ones; none held by a dataworker already."""
+        urgent = self._urgent()
+        ahead = [] if urgent_only else self.book.upcoming(self.config.ahead_chunks)
         seen: set[str] = set()
         out = []
         for chunk_id in [*urgent, *ahead]:
@@ -134,6 +135,26 @@ class PrepDesk:
             if status in (ChunkStatus.PENDING, ChunkStatus.LEASED):
                 out.append(chunk_id)
         return out
+
+    def _urgent(self) -> list[str]:
+        urgent: list[str] = []
+        for session_id in self.fetching_sessions():
+            held = self.book.held_by(session_id)
+            urgent.extend(sorted(held, key=lambda c: self.book.chunks[c].first_item))
+        return urgent
+
+    def _make_room(self, chunk_id: str) -> bool:
+        """Drop read-ahead items (chunks no worker holds) to make room for ``chunk_id``,
+        which a worker holds; False when there is nothing to drop."""
+        if self.book.chunks[chunk_id].status is not ChunkStatus.LEASED:
+            return False
+        dropped = False
+        for other in self.buffer.chunk_ids():
+            if self.book.chunks[other].status is ChunkStatus.PENDING:
+                log.debug("dropping read-ahead items of %s for %s", other, chunk_id)
+                self.buffer.drop_chunk(other)
+                dropped = True
+        return dropped
 
     # -- items in -------------------------------------------------------------------------
     async def on_prepared(self, session: Session, message: Prepared) -> None:
@@ -175,6 +196,8 @@ class PrepDesk:
                 self.buffer.put(chunk_id, item)
                 return True
             except BufferFull:
+                if self._make_room(chunk_id):
+                    continue
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -218,6 +241,9 @@ class PrepDesk:
         if hold is None or hold.session_id != session_id:
             return
         del self.holds[chunk_id]
+        log.debug(
+            "hold of %s by %s ended (%d items not sent)", chunk_id, session_id, len(hold.remaining)
+        )
         held = self._by_session.get(session_id)
         if held is not None:
             held.discard(chunk_id)
