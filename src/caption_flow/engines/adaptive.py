@@ -4,10 +4,11 @@ Until the first overload the limit doubles per round of successes (``+1`` each: 
 so a worker reaches a big server's capacity in a few rounds, not dozens); after that it
 grows by about one per round (``+1/limit`` each). It shrinks by :data:`DECREASE` on an
 overload signal (429, 5xx, a time-out), at most once per round: a failure of a request that
-started before the last cut says nothing new about the cut limit. A cut of a fifth, not a
-half, keeps the sawtooth between 80 % and 100 % of what the server takes (about 90 % on
-average where halving gave 75 %); a server really overloaded still sees the limit fall fast,
-once per round. ``Retry-After`` blocks new starts until it
+started before the last cut says nothing new about the cut limit. A cut of a tenth, not a
+half, keeps the sawtooth between 90 % and 100 % of what the server takes (measured: 91-92 %
+of a stand-in's capacity, where halving gave 73 % and a fifth 87 %; benchmarks/
+bench_openai.py), for about twice the 429s of a cut by a fifth; a server really overloaded
+still sees the limit fall every round (to half in seven). ``Retry-After`` blocks new starts until it
 has passed, and ``requests_per_minute`` caps starts in any 60-second window.
 """
 
@@ -17,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 WINDOW_SECONDS = 60.0
-DECREASE = 0.8  # the limit after an overload, as a fraction of the limit before
+DECREASE = 0.9  # the limit after an overload, as a fraction of the limit before
 
 
 @dataclass(frozen=True)
