@@ -116,6 +116,7 @@ def test_sampling_config_maps_to_sampling_params() -> None:
         skip_special_tokens=False,
         stop=["."],
         seed=5,
+        ignore_eos=True,
     )
     assert sampling_kwargs(sampling) == {
         "temperature": 0.3,
@@ -125,6 +126,7 @@ def test_sampling_config_maps_to_sampling_params() -> None:
         "skip_special_tokens": False,
         "stop": ["."],
         "seed": 5,
+        "ignore_eos": True,
     }
     assert sampling_kwargs(GREEDY)["stop"] is None
 

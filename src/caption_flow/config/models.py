@@ -27,6 +27,11 @@ class SamplingConfig(_Strict):
     skip_special_tokens: bool = True
     stop: list[str] = []
     seed: int | None = None
+    ignore_eos: bool = Field(
+        False,
+        description="generate max_tokens tokens whatever the model says (benchmarks: fixed "
+        "output lengths with random weights)",
+    )
 
 
 class ImageConfig(_Strict):

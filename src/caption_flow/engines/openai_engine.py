@@ -85,6 +85,8 @@ def request_body(
         body["stop"] = list(sampling.stop)
     if sampling.seed is not None:
         body["seed"] = sampling.seed
+    if sampling.ignore_eos:  # a vLLM extension
+        body["ignore_eos"] = True
     if sampling.repetition_penalty != 1.0:  # a vLLM/SGLang extension; hosted APIs lack it
         body["repetition_penalty"] = sampling.repetition_penalty
     if schema is not None:

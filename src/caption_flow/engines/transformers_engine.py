@@ -153,6 +153,8 @@ class TransformersEngine:
             "repetition_penalty": sampling.repetition_penalty,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
+        if sampling.ignore_eos:
+            kwargs["min_new_tokens"] = sampling.max_tokens
         if sampling.temperature > 0:
             # top_k=0 switches off transformers' default top-k of 50 (vLLM has none).
             kwargs.update(

@@ -100,6 +100,7 @@ def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
         "skip_special_tokens": sampling.skip_special_tokens,
         "stop": list(sampling.stop) or None,
         "seed": sampling.seed,
+        "ignore_eos": sampling.ignore_eos,
     }
 
 
