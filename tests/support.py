@@ -506,3 +506,44 @@ class FakeHub:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class RawClient:
+    """A websocket spoken to in raw msgpack maps, as a hostile or hand-written client
+    would: what tests of the wire (attacks, refusals, bounds) send and read."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+
+    async def send(self, message: dict[str, Any]) -> None:
+        import msgspec
+
+        await self.ws.send(msgspec.msgpack.encode(message))
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next message, whatever its type."""
+        import msgspec
+
+        frame = await asyncio.wait_for(self.ws.recv(), timeout * TIME_UNIT)
+        assert isinstance(frame, bytes), "text frames are not part of the protocol"
+        decoded: dict[str, Any] = msgspec.msgpack.decode(frame)
+        return decoded
+
+    async def recv_type(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The next message of ``kind``, skipping pushes of other kinds."""
+        for _ in range(100):
+            message = await self.recv(timeout)
+            if message["type"] == kind:
+                return message
+        raise AssertionError(f"no {kind} message")
+
+    async def closed_with(self) -> int | None:
+        """Read until the server closes; its close code."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            for _ in range(100):
+                await asyncio.wait_for(self.ws.recv(), 10 * TIME_UNIT)
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+        raise AssertionError("the server kept the connection open")

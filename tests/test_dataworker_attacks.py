@@ -17,20 +17,19 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from PIL import Image
 from support import (
     TIME_UNIT,
     WORKER_TOKENS,
+    RawClient,
     close_code,
     eventually,
     job,
     orchestrator_config,
     raw_hello,
 )
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect
 
 from caption_flow.config.models import ImageConfig, PrepareConfig, TokenEntry
 from caption_flow.images.prepare import PrepareSettings, prepare_image
@@ -65,46 +64,16 @@ def size_of(data: bytes) -> tuple[int, int]:
 
 
 # -- raw clients -------------------------------------------------------------------------------
-class Raw:
-    """One connection speaking the wire format by hand: dicts in, dicts out."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-
-    async def send(self, message: dict[str, Any]) -> None:
-        await self.ws.send(msgspec.msgpack.encode(message))
-
-    async def recv_any(self, timeout: float = 10.0) -> dict[str, Any]:
-        frame = await asyncio.wait_for(self.ws.recv(), timeout * TIME_UNIT)
-        assert isinstance(frame, bytes), "text frames are not part of the protocol"
-        message: dict[str, Any] = msgspec.msgpack.decode(frame)
-        return message
-
-    async def recv(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
-        """The next message of ``kind``, skipping pushes of other kinds."""
-        for _ in range(100):
-            message = await self.recv_any(timeout)
-            if message["type"] == kind:
-                return message
-        raise AssertionError(f"no {kind} message")
-
-    async def closed_with(self) -> int | None:
-        with pytest.raises(ConnectionClosed) as info:
-            for _ in range(100):
-                await asyncio.wait_for(self.ws.recv(), 10 * TIME_UNIT)
-        return info.value.rcvd.code if info.value.rcvd else None
-
-
 @asynccontextmanager
 async def client(
     orch: Orchestrator, role: str, token: str, name: str, **connect_kw: Any
-) -> AsyncIterator[Raw]:
+) -> AsyncIterator[RawClient]:
     """A welcomed connection of ``role``."""
     kw = {"max_size": None, "compression": None, **connect_kw}
     async with connect(f"ws://127.0.0.1:{orch.port}", **kw) as ws:
-        raw = Raw(ws)
+        raw = RawClient(ws)
         await raw.send({"type": "hello", "role": role, "token": token, "name": name})
-        assert (await raw.recv("welcome"))["type"] == "welcome"
+        assert (await raw.recv_type("welcome"))["type"] == "welcome"
         yield raw
 
 
@@ -116,29 +85,33 @@ def worker(orch: Orchestrator, who: str = "alice", **connect_kw: Any) -> Any:
     return client(orch, "worker", WORKER_TOKENS[who], who, **connect_kw)
 
 
-async def prep_request(dw: Raw, count: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+async def prep_request(
+    dw: RawClient, count: int = 1
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Chunks to prepare and the image settings that came with them."""
     await dw.send({"type": "prep_request", "count": count})
-    assign = await dw.recv("prep_assign")
+    assign = await dw.recv_type("prep_assign")
     return assign.get("chunks", []), assign["image"]
 
 
-async def prepared(dw: Raw, chunk_id: str, seq: int, items: list[dict[str, Any]]) -> dict[str, Any]:
+async def prepared(
+    dw: RawClient, chunk_id: str, seq: int, items: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Send one ``prepared`` message; the ack or reject that answers it."""
     await dw.send({"type": "prepared", "chunk_id": chunk_id, "seq": seq, "items": items})
     for _ in range(100):
-        answer = await dw.recv_any()
+        answer = await dw.recv()
         if answer["type"] in ("ack", "reject"):
             assert answer["seq"] == seq, answer
             return answer
     raise AssertionError("no answer to prepared")
 
 
-async def lease_all(w: Raw) -> list[dict[str, Any]]:
+async def lease_all(w: RawClient) -> list[dict[str, Any]]:
     chunks: list[dict[str, Any]] = []
     for _ in range(20):
         await w.send({"type": "request", "count": 4})
-        got = (await w.recv("assign")).get("chunks", [])
+        got = (await w.recv_type("assign")).get("chunks", [])
         if not got:
             return chunks
         chunks += got
@@ -146,18 +119,18 @@ async def lease_all(w: Raw) -> list[dict[str, Any]]:
 
 
 async def fetch(
-    w: Raw, chunk_id: str, keys: list[str], timeout: float = 10.0
+    w: RawClient, chunk_id: str, keys: list[str], timeout: float = 10.0
 ) -> list[dict[str, Any]]:
     """Every item of one fetch, over however many replies it takes."""
     await w.send({"type": "fetch", "chunk_id": chunk_id, "keys": keys})
     return await replies(w, timeout)
 
 
-async def replies(w: Raw, timeout: float = 10.0) -> list[dict[str, Any]]:
+async def replies(w: RawClient, timeout: float = 10.0) -> list[dict[str, Any]]:
     """The items of the fetch being answered, up to its last reply."""
     items: list[dict[str, Any]] = []
     while True:
-        reply = await w.recv("items", timeout)
+        reply = await w.recv_type("items", timeout)
         assert reply.get("error") is None, reply["error"]
         items += reply.get("items", [])
         if reply.get("last", True):
@@ -168,12 +141,12 @@ def keys_of(chunk: dict[str, Any]) -> list[str]:
     return [ref[1] for ref in chunk["items"]]
 
 
-async def acks_until_quiet(dw: Raw, acked: list[int], quiet: float) -> None:
+async def acks_until_quiet(dw: RawClient, acked: list[int], quiet: float) -> None:
     """Read acks into ``acked`` (in order, one item accepted each) until none comes for
     ``quiet`` seconds."""
     while True:
         try:
-            ack = await dw.recv("ack", quiet)
+            ack = await dw.recv_type("ack", quiet)
         except TimeoutError:
             return
         assert ack["seq"] == len(acked) and ack.get("accepted", 0) == 1, ack
@@ -385,7 +358,7 @@ async def test_a_dataworkers_prepared_items_are_relayed_to_the_worker_as_sent(
 
     async with worker(orch) as w:
         await w.send({"type": "request", "count": 1})
-        (chunk,) = (await w.recv("assign"))["chunks"]
+        (chunk,) = (await w.recv_type("assign"))["chunks"]
         assert chunk["chunk_id"] == lease["chunk_id"] and keys_of(chunk) == lease["keys"]
         got = await fetch(w, chunk["chunk_id"], lease["keys"])
     assert [g["key"] for g in got] == lease["keys"]
@@ -425,7 +398,7 @@ async def test_a_worker_that_stops_reading_holds_at_most_one_reply_of_memory(
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", orch.port))
     async with worker(orch, sock=sock) as w:
         await w.send({"type": "request", "count": 1})
-        (chunk,) = (await w.recv("assign"))["chunks"]
+        (chunk,) = (await w.recv_type("assign"))["chunks"]
         keys = keys_of(chunk)
         assert sorted(keys) == sorted(originals)
         w.ws.transport.pause_reading()
@@ -514,7 +487,7 @@ async def test_a_full_buffer_stops_acknowledging_a_dataworker_until_workers_take
             async with worker(orch) as w:
                 for n in range(2):
                     await w.send({"type": "request", "count": 1})
-                    (chunk,) = (await w.recv("assign"))["chunks"]
+                    (chunk,) = (await w.recv_type("assign"))["chunks"]
                     assert chunk["chunk_id"] == chunks[n]["chunk_id"]
                     got = await fetch(w, chunk["chunk_id"], keys_of(chunk))
                     mine = {k: d for c, k, d in sent if c == chunk["chunk_id"]}
@@ -530,7 +503,7 @@ async def test_a_full_buffer_stops_acknowledging_a_dataworker_until_workers_take
     assert orch.snapshot()["prepared"]["relayed"] == 10
 
 
-async def fill_until_stalled(dw: Raw, count: int) -> dict[str, Any]:
+async def fill_until_stalled(dw: RawClient, count: int) -> dict[str, Any]:
     """Send ``count`` prepared items of the first chunk handed out (one per message, each
     about 44 KB) and read acks until none comes for a while. Returns that chunk."""
     (chunk,), _ = await prep_request(dw)

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image, ImageOps
 from support import (
     TIME_UNIT,
+    WORKER_TOKENS,
     StubEngine,
     eventually,
     orchestrator_config,
@@ -22,6 +23,7 @@ from support import (
     stub_loader,
     worker_config,
 )
+from websockets.asyncio.client import connect
 
 from caption_flow.config.models import (
     AuthConfig,
@@ -33,6 +35,19 @@ from caption_flow.config.models import (
 from caption_flow.dataworker.client import DataWorker
 from caption_flow.engines.captioner import Captioner
 from caption_flow.orchestrator.server import Orchestrator
+from caption_flow.protocol.messages import (
+    Ack,
+    Assign,
+    Fetch,
+    Hello,
+    Items,
+    Prepared,
+    PrepAssign,
+    PrepRequest,
+    Request,
+    decode,
+    encode,
+)
 from caption_flow.worker.client import Worker
 
 pytestmark = pytest.mark.timeout(180)
@@ -41,6 +56,20 @@ IMAGES = 24
 SIZE = (240, 180)  # the originals
 MAX_SIDE = 64  # what the job asks: prepared images are at most 64 pixels wide
 DATAWORKER_TOKENS = {"feeder-1": "dataworker-token-one", "feeder-2": "dataworker-token-two"}
+
+
+# A GPU worker that says it cannot read the dataset (its chunks are prepared first).
+FETCHING_WORKER_HELLO = Hello(
+    role="worker", token=WORKER_TOKENS["alice"], capabilities={"reads_dataset": False}
+)
+
+
+async def next_of(ws: Any, kind: type) -> Any:
+    """The next message of ``kind`` on a raw connection, skipping others."""
+    async with asyncio.timeout(10 * TIME_UNIT):
+        while not isinstance(message := decode(await ws.recv()), kind):
+            pass
+    return message
 
 
 def config_for(tmp_path: Path, folder: Path, model: Path) -> Any:
@@ -218,18 +247,6 @@ async def test_chunks_of_a_worker_that_said_it_cannot_read_come_first(
 ) -> None:
     """A worker's hello says ``reads_dataset: false``: its leased chunk is prepared before the
     queue's next ones, even before its first fetch."""
-    from support import WORKER_TOKENS
-    from websockets.asyncio.client import connect
-
-    from caption_flow.protocol.messages import (
-        Assign,
-        Hello,
-        PrepAssign,
-        PrepRequest,
-        Request,
-        decode,
-        encode,
-    )
 
     images = image_folder(12, size=SIZE)
     orch = Orchestrator(config_for(tmp_path, images[0].parent, tiny_model_dir))
@@ -237,13 +254,6 @@ async def test_chunks_of_a_worker_that_said_it_cannot_read_come_first(
     url = f"ws://127.0.0.1:{orch.port}"
     try:
         async with connect(url) as gpu, connect(url) as feeder:
-
-            async def next_of(ws: Any, kind: type) -> Any:
-                async with asyncio.timeout(10 * TIME_UNIT):
-                    while not isinstance(message := decode(await ws.recv()), kind):
-                        pass
-                return message
-
             hello = Hello(
                 role="worker",
                 token=WORKER_TOKENS["alice"],
@@ -266,20 +276,6 @@ async def test_items_a_worker_already_has_are_not_prepared_again(
 ) -> None:
     """Items sent to the worker holding a chunk (here read by the orchestrator itself) are
     not handed to a dataworker to prepare again while that worker holds the chunk."""
-    from support import WORKER_TOKENS
-    from websockets.asyncio.client import connect
-
-    from caption_flow.protocol.messages import (
-        Assign,
-        Fetch,
-        Hello,
-        Items,
-        PrepAssign,
-        PrepRequest,
-        Request,
-        decode,
-        encode,
-    )
 
     images = image_folder(12, size=SIZE)
     orch = Orchestrator(config_for(tmp_path, images[0].parent, tiny_model_dir))
@@ -287,17 +283,7 @@ async def test_items_a_worker_already_has_are_not_prepared_again(
     url = f"ws://127.0.0.1:{orch.port}"
     try:
         async with connect(url, max_size=None) as gpu, connect(url) as feeder:
-
-            async def next_of(ws: Any, kind: type) -> Any:
-                async with asyncio.timeout(10 * TIME_UNIT):
-                    while not isinstance(message := decode(await ws.recv()), kind):
-                        pass
-                return message
-
-            hello = Hello(
-                role="worker", token=WORKER_TOKENS["alice"], capabilities={"reads_dataset": False}
-            )
-            await gpu.send(encode(hello))
+            await gpu.send(encode(FETCHING_WORKER_HELLO))
             await gpu.send(encode(Request(count=1)))
             lease = (await next_of(gpu, Assign)).chunks[0]
             keys = [ref.key for ref in lease.items]
@@ -320,22 +306,9 @@ async def test_a_full_buffer_makes_room_for_what_a_worker_waits_for(
     """Read-ahead items (a chunk nobody holds) are pushed out by items of a chunk a worker
     holds; and a full buffer still hands out a chunk a worker holds to prepare."""
     import msgspec
-    from support import WORKER_TOKENS
-    from websockets.asyncio.client import connect
 
     from caption_flow.dataworker.client import prepare_item
     from caption_flow.images.prepare import PrepareSettings
-    from caption_flow.protocol.messages import (
-        Ack,
-        Assign,
-        Hello,
-        Prepared,
-        PrepAssign,
-        PrepRequest,
-        Request,
-        decode,
-        encode,
-    )
     from caption_flow.sources import open_source
 
     images = image_folder(12, size=SIZE)
@@ -356,20 +329,11 @@ async def test_a_full_buffer_makes_room_for_what_a_worker_waits_for(
     try:
         async with connect(url) as gpu, connect(url) as d1, connect(url) as d2:
 
-            async def next_of(ws: Any, kind: type) -> Any:
-                async with asyncio.timeout(10 * TIME_UNIT):
-                    while not isinstance(message := decode(await ws.recv()), kind):
-                        pass
-                return message
-
             async def send_prepared(ws: Any, seq: int, chunk_id: str, items: list[Any]) -> int:
                 await ws.send(encode(Prepared(chunk_id=chunk_id, seq=seq, items=items)))
                 return int((await next_of(ws, Ack)).accepted)
 
-            hello = Hello(
-                role="worker", token=WORKER_TOKENS["alice"], capabilities={"reads_dataset": False}
-            )
-            await gpu.send(encode(hello))
+            await gpu.send(encode(FETCHING_WORKER_HELLO))
             await gpu.send(encode(Request(count=1)))
             (leased,) = (await next_of(gpu, Assign)).chunks
             for ws, name in ((d1, "feeder-1"), (d2, "feeder-2")):

@@ -18,13 +18,13 @@ from support import (
     ADMIN_TOKEN,
     TIME_UNIT,
     WORKER_TOKENS,
+    RawClient,
     eventually,
     orchestrator_config,
     read_rows,
     worker_config,
 )
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect
 
 from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.protocol.messages import ItemResult
@@ -38,41 +38,12 @@ IMAGES = 8
 CHUNK = 2
 
 
-class Raw:
-    """A client that speaks the wire format by hand: dicts in, dicts out."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-
-    async def send(self, message: dict[str, Any]) -> None:
-        await self.ws.send(msgspec.msgpack.encode(message))
-
-    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        frame = await asyncio.wait_for(self.ws.recv(), timeout * TIME_UNIT)
-        decoded: dict[str, Any] = msgspec.msgpack.decode(frame)
-        return decoded
-
-    async def recv_type(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
-        """The next message of ``kind``, skipping pushes of other kinds."""
-        for _ in range(100):
-            message = await self.recv(timeout)
-            if message["type"] == kind:
-                return message
-        raise AssertionError(f"no {kind} message")
-
-    async def closed_with(self) -> int | None:
-        with pytest.raises(ConnectionClosed) as info:
-            for _ in range(100):
-                await self.recv()
-        return info.value.rcvd.code if info.value.rcvd else None
-
-
 @asynccontextmanager
 async def raw_worker(
     orch: Orchestrator, who: str = "alice", **hello: Any
-) -> AsyncIterator[tuple[Raw, dict[str, Any]]]:
+) -> AsyncIterator[tuple[RawClient, dict[str, Any]]]:
     async with connect(f"ws://127.0.0.1:{orch.port}", max_size=None) as ws:
-        raw = Raw(ws)
+        raw = RawClient(ws)
         await raw.send({"type": "hello", "role": "worker", "token": WORKER_TOKENS[who], **hello})
         welcome = await raw.recv()
         assert welcome["type"] == "welcome", welcome
@@ -113,14 +84,14 @@ async def finish_honestly(orch: Orchestrator, data_dir: Path) -> list[dict[str, 
     return rows
 
 
-async def heartbeats(raw: Raw) -> None:
+async def heartbeats(raw: RawClient) -> None:
     """Look alive, forever: heartbeats with made-up figures and never a result."""
     while True:
         await raw.send({"type": "heartbeat", "stats": {"items_per_s": 99.0}})
         await asyncio.sleep(0.2)
 
 
-async def lease_one(raw: Raw) -> dict[str, Any]:
+async def lease_one(raw: RawClient) -> dict[str, Any]:
     await raw.send({"type": "request", "count": 1})
     assign = await raw.recv_type("assign")
     assert assign["chunks"], assign
@@ -251,7 +222,7 @@ async def test_another_contributor_cannot_reclaim_a_gone_workers_chunks(
         await alice.send({"type": "release", "chunk_id": chunk["chunk_id"]})
         # An unbounded held_chunks list does not decode.
     async with connect(f"ws://127.0.0.1:{orch.port}") as ws:
-        raw = Raw(ws)
+        raw = RawClient(ws)
         hello = {"type": "hello", "role": "worker", "token": WORKER_TOKENS["alice"]}
         await raw.send({**hello, "held_chunks": [f"s:{i}" for i in range(1000)]})
         assert await raw.closed_with() == 4400
@@ -305,7 +276,7 @@ async def test_an_oversized_hello_is_refused_before_it_is_buffered(
     async with connect(f"ws://127.0.0.1:{orch.port}", max_size=None) as ws:
         padding = "p" * (orch.config.limits.hello_max_bytes + 1)
         await ws.send(msgspec.msgpack.encode({"type": "hello", "role": "worker", "token": padding}))
-        assert await Raw(ws).closed_with() == 1009
+        assert await RawClient(ws).closed_with() == 1009
     await finish_honestly(orch, tmp_path / "data")
 
 
@@ -313,7 +284,7 @@ async def test_an_admin_cannot_push_a_broken_stage_graph(make_orch, tmp_path: Pa
     orch = await make_orch()
     before = orch.job
     async with connect(f"ws://127.0.0.1:{orch.port}") as ws:
-        admin = Raw(ws)
+        admin = RawClient(ws)
         await admin.send({"type": "hello", "role": "admin", "token": ADMIN_TOKEN})
         assert (await admin.recv())["type"] == "welcome"
         cycle = [

@@ -4,7 +4,6 @@ orchestrator, the real worker and the tiny model; raw frames for the refusals.""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import io
 from pathlib import Path
@@ -14,8 +13,8 @@ import msgspec
 import pytest
 from PIL import Image
 from support import (
-    TIME_UNIT,
     WORKER_TOKENS,
+    RawClient,
     caption_all,
     orchestrator_config,
     read_rows,
@@ -79,24 +78,8 @@ async def test_auto_reads_through_the_orchestrator_when_the_path_is_not_here(
     assert reads_dataset(dataset, "s3://bucket/images")
 
 
-class Raw:
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-
-    async def send(self, message: dict[str, Any]) -> None:
-        await self.ws.send(msgspec.msgpack.encode(message))
-
-    async def recv_type(self, kind: str) -> dict[str, Any]:
-        for _ in range(100):
-            frame = await asyncio.wait_for(self.ws.recv(), 10 * TIME_UNIT)
-            message: dict[str, Any] = msgspec.msgpack.decode(frame)
-            if message["type"] == kind:
-                return message
-        raise AssertionError(f"no {kind} message")
-
-
-async def hello(orch: Orchestrator, ws: Any, who: str) -> Raw:
-    raw = Raw(ws)
+async def hello(orch: Orchestrator, ws: Any, who: str) -> RawClient:
+    raw = RawClient(ws)
     await raw.send(
         {
             "type": "hello",
@@ -109,7 +92,7 @@ async def hello(orch: Orchestrator, ws: Any, who: str) -> Raw:
     return raw
 
 
-async def lease(raw: Raw) -> dict[str, Any]:
+async def lease(raw: RawClient) -> dict[str, Any]:
     await raw.send({"type": "request", "count": 1})
     chunk: dict[str, Any] = (await raw.recv_type("assign"))["chunks"][0]
     return chunk
