@@ -3,13 +3,16 @@
     python benchmarks/bench_engines.py [--images N] [--max-tokens T] [--batch-size B]
                                        [--engines transformers,vllm] [--model PATH_OR_ID]
                                        [--repeats R] [--torch-threads K] [--json FILE]
+                                       [--image-dir DIR] [--dataset folder|tar] [--ignore-eos]
+                                       [--no-mm-cache] [--warmup-batches W]
 
 For each engine that is available here (transformers always; vLLM only where ``import vllm``
 works, otherwise a line under the table says why it was skipped), in this one process:
 
 1. **Load.** A :class:`Captioner` for that engine loads the model (timed: "load s"), then
    captions one batch of ``B`` images to warm it up (first-call costs: lazy initialisation,
-   kernel selection; timed: "warm-up s"). ``import vllm`` is timed apart, below the table.
+   kernel selection; timed: "warm-up s"; ``--warmup-batches`` for more). ``import vllm``
+   is timed apart, below the table.
 2. **Engine alone.** The ``N`` images, decoded beforehand, go through ``Captioner.caption``
    in batches of ``B`` on one extra thread (as the worker runs its engine): the engine's own
    rate with no reading, decoding or network.
@@ -29,11 +32,16 @@ with the median wall time, and the range of rates over the runs in brackets.
 The job is one prompt, greedy (temperature 0, repetition penalty 1), a fixed ``max_tokens``.
 The tiny model (built offline, random weights) never emits its end token, so every item
 generates exactly ``max_tokens`` tokens; a real model may stop earlier (the token columns
-then say so). A second table splits the median run's wall time into: start (first assign to
-first engine call: reading and decoding the first batch), engine calls (next to the same
-images through the engine alone), gaps between engine calls (the engine waiting for decoded
-images, e.g. at chunk boundaries) and tail (last engine call to last ack: sending results,
-group commit, fsync). When both engines ran, the greedy captions are compared item by item
+then say so; ``--ignore-eos`` makes every item generate exactly ``max_tokens``, as
+``bench_gpu.py`` does with random-weight models of a real shape). ``--dataset tar`` has the
+pipeline read the images from one webdataset tar shard of the same files (written beside
+them); ``--image-dir`` takes image files made elsewhere.
+
+A second table splits the median run's wall time into: start (first assign to first engine
+call: reading and decoding the first batch), engine calls (next to the same images through
+the engine alone), gaps between engine calls (the engine waiting for decoded images, e.g. at
+chunk boundaries) and tail (last engine call to last ack: sending results, group commit,
+fsync). When both engines ran, the greedy captions are compared item by item
 (identical on the CPU with the tiny model).
 
 Device selection is the engines' own: the first CUDA GPU when torch sees one, else the CPU.
@@ -172,15 +180,18 @@ def timed_classes() -> tuple[type, type]:
 
     class TimedWorker(Worker):
         first_assign: float | None = None
+        first_ack: float | None = None
         last_ack: float | None = None
 
-        def _on_message(self, message: Any) -> None:
+        async def _on_message(self, message: Any) -> None:
             now = time.monotonic()
             if isinstance(message, Assign) and message.chunks and self.first_assign is None:
                 self.first_assign = now
-            super()._on_message(message)
+            await super()._on_message(message)
             if isinstance(message, Ack):
                 self.last_ack = now
+                if self.first_ack is None:
+                    self.first_ack = now
 
     return TimedCaptioner, TimedWorker
 
@@ -198,6 +209,7 @@ class Run:
     items_done: int = 0
     items_failed: int = 0
     connect_to_assign_s: float = 0.0
+    first_result_s: float = 0.0  # connect to the first ack: the first durable result
     start_s: float = 0.0  # first assign to first engine call
     calls: int = 0
     gaps_s: float = 0.0  # engine idle between calls
@@ -229,6 +241,31 @@ class Result:
         return ordered[(len(ordered) - 1) // 2]
 
 
+def write_shard(image_dir: Path) -> Path:
+    """The images of ``image_dir`` as one webdataset tar shard beside it (``NAME.tar``,
+    member ``KEY.EXT`` per file, key = the file's stem); written once, renamed into place."""
+    import tarfile
+
+    shard = image_dir.parent / f"{image_dir.name}.tar"
+    if not shard.exists():
+        partial = shard.with_suffix(f".tar.{os.getpid()}.tmp")
+        with tarfile.open(partial, "w") as tar:
+            for path in sorted(p for p in image_dir.iterdir() if p.is_file()):
+                tar.add(path, arcname=path.name)
+        os.replace(partial, shard)
+    return shard
+
+
+def dataset_config(image_dir: Path, kind: str) -> Any:
+    """The pipeline's dataset: the folder itself, or (``tar``) the same files in one shard."""
+    from caption_flow.config.models import DatasetConfig
+
+    if kind == "tar":
+        path = str(write_shard(image_dir))
+        return DatasetConfig(type="webdataset", path=path, name="bench-images")
+    return DatasetConfig(type="local_folder", path=str(image_dir), name="bench-images")
+
+
 def build_job(args: argparse.Namespace, model: str, gpu: bool) -> Any:
     from caption_flow.config.models import ModelConfig, SamplingConfig
 
@@ -238,9 +275,14 @@ def build_job(args: argparse.Namespace, model: str, gpu: bool) -> Any:
         max_model_len=args.max_model_len or (4096 if args.model else 512),
         enforce_eager=not gpu,  # CUDA graphs help decoding on a GPU; the CPU has none
         limit_mm_per_prompt={"image": 1},
+        # The passes show the engine the same images again; a real run sees each once.
+        disable_mm_preprocessor_cache=args.no_mm_cache,
         inference_prompts=[PROMPT],
         sampling=SamplingConfig(
-            temperature=0.0, max_tokens=args.max_tokens, repetition_penalty=1.0
+            temperature=0.0,
+            max_tokens=args.max_tokens,
+            repetition_penalty=1.0,
+            ignore_eos=args.ignore_eos,
         ),
     )
 
@@ -264,12 +306,7 @@ async def pipeline_run(
     data_dir: Path,
     args: argparse.Namespace,
 ) -> Run:
-    from caption_flow.config.models import (
-        DatasetConfig,
-        OrchestratorConfig,
-        StorageConfig,
-        WorkerConfig,
-    )
+    from caption_flow.config.models import OrchestratorConfig, StorageConfig, WorkerConfig
     from caption_flow.orchestrator.server import Orchestrator
     from caption_flow.runner import local_configs
     from caption_flow.storage.reader import output_dataset
@@ -277,7 +314,7 @@ async def pipeline_run(
     orchestrator_config = OrchestratorConfig(
         host="127.0.0.1",
         port=0,
-        dataset=DatasetConfig(type="local_folder", path=str(image_dir), name="bench-images"),
+        dataset=dataset_config(image_dir, args.dataset),
         vllm=job,
         storage=StorageConfig(data_dir=data_dir),
         chunk_size=args.chunk_size or 4 * args.batch_size,
@@ -318,6 +355,7 @@ async def pipeline_run(
         items_done=snapshot["items_done"],
         items_failed=snapshot["items_failed"],
         connect_to_assign_s=worker.first_assign - connect,
+        first_result_s=(worker.first_ack or worker.last_ack) - connect,
         start_s=calls[0][0] - worker.first_assign,
         calls=len(calls),
         gaps_s=sum(gaps),
@@ -342,7 +380,10 @@ def run_engine(
     image_dir: Path,
     workdir: Path,
     gpu: bool,
+    captioner: Any = None,
 ) -> Result:
+    """Load (unless ``captioner``, from ``timed_classes``, is given: then its engine is reused
+    and it stays open), warm up, then the engine-alone and pipeline passes."""
     import torch
 
     from caption_flow.engines.base import CaptionInput
@@ -359,7 +400,9 @@ def run_engine(
         inputs.append(CaptionInput(key=path.stem, image=image))
     batches = [inputs[i : i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
 
-    captioner = captioner_class(engine)
+    owned = captioner is None
+    if owned:
+        captioner = captioner_class(engine)
     # Warm-up and the engine-alone pass run on one extra thread, as the worker runs its engine.
     thread = ThreadPoolExecutor(1, thread_name_prefix="bench-engine")
     try:
@@ -372,7 +415,8 @@ def run_engine(
         result.load_s = time.monotonic() - t0
         result.device = engine_device(loaded)
         t0 = time.monotonic()
-        thread.submit(captioner.caption, batches[0], job).result()
+        for i in range(args.warmup_batches):
+            thread.submit(captioner.caption, batches[i % len(batches)], job).result()
         result.warmup_s = time.monotonic() - t0
         if not result.device.startswith("cuda"):
             threads = thread.submit(torch.get_num_threads).result()
@@ -400,12 +444,13 @@ def run_engine(
         result.reloaded = captioner.engine_ids != warm_engines
     finally:
         thread.shutdown(wait=True)
-        captioner.keep_open = False
-        captioner.close()
-        del captioner
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
+        if owned:
+            captioner.keep_open = False
+            captioner.close()
+            del captioner
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
     return result
 
 
@@ -423,12 +468,16 @@ def asyncio_run(coro: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 def report(results: list[Result], args: argparse.Namespace, label: str, env: str) -> None:
     repeats = "" if args.repeats == 1 else f" Median of {args.repeats} runs (range in brackets)."
+    warmup = "one batch" if args.warmup_batches == 1 else f"{args.warmup_batches} batches"
+    images = f"{args.images} images of {args.image_size}"
+    if args.image_dir is not None:
+        images = f"{args.images} images from {args.image_dir}"
     main = Table(
         title=f"Engines through the pipeline on {label}",
-        caption=f"{env}. {args.images} images of {args.image_size}, batch {args.batch_size}, "
+        caption=f"{env}. {images}, batch {args.batch_size}, "
         f"chunk {args.chunk_size or 4 * args.batch_size}, max_tokens {args.max_tokens}, greedy, "
         "one prompt. Pipeline: first assignment to last ack over a loopback websocket; the "
-        "engine was loaded and warmed up (one batch) before, so load is excluded. Engine alone: "
+        f"engine was loaded and warmed up ({warmup}) before, so load is excluded. Engine alone: "
         f"Captioner.caption on pre-decoded images, batch after batch.{repeats}",
         caption_justify="left",
     )
@@ -568,6 +617,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--workdir", type=Path, default=None, help="keep model, images and data dirs here"
     )
     parser.add_argument(
+        "--image-dir",
+        type=Path,
+        default=None,
+        help="caption these image files instead of generated ones (--images is then ignored)",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=["folder", "tar"],
+        default="folder",
+        help="the pipeline reads the images as a local_folder (folder) or from one "
+        "webdataset tar shard of the same files (tar)",
+    )
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="every item generates exactly --max-tokens tokens (random-weight models)",
+    )
+    parser.add_argument(
+        "--no-mm-cache",
+        action="store_true",
+        help="turn vLLM's multimodal preprocessor cache off (later passes over the same "
+        "images would otherwise skip preprocessing that a real run pays once per image)",
+    )
+    parser.add_argument(
+        "--warmup-batches",
+        type=int,
+        default=1,
+        help="batches captioned to warm the engine up before any pass (1)",
+    )
+    parser.add_argument(
         "--skip-engine-alone", action="store_true", help="skip the engine-alone pass"
     )
     parser.add_argument(
@@ -609,8 +688,8 @@ class _DropRepeatedWarning(logging.Filter):
         return "torch.set_num_threads" not in record.getMessage()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def setup_environment(torch_threads: int = 0) -> bool:
+    """Logging and the settings both engines expect here; True when CUDA is available."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropRepeatedWarning())
@@ -618,10 +697,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not gpu:  # vLLM's CPU build: in-process engine core (fast start), a 1 GiB KV cache
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if args.torch_threads:
+    if torch_threads:
         import torch
 
-        torch.set_num_threads(args.torch_threads)
+        torch.set_num_threads(torch_threads)
+    return gpu
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    gpu = setup_environment(args.torch_threads)
 
     with contextlib.ExitStack() as stack:
         if args.workdir is None:
@@ -642,9 +727,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if Path(model).expanduser().is_dir():
                 model = str(Path(model).expanduser().absolute())
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        image_dir = workdir / f"images-{args.images}-{args.image_size}"
+        image_dir = args.image_dir or workdir / f"images-{args.images}-{args.image_size}"
         if not image_dir.is_dir():
             generate_images(image_dir, args.images, size=args.image_wh)
+        elif args.image_dir is not None:
+            args.images = sum(1 for p in image_dir.iterdir() if p.is_file())
 
         results: list[Result] = []
         notes: list[str] = []

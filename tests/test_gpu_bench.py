@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from support import CLI_ENV, TIME_UNIT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +73,7 @@ def test_its_own_deadline_writes_what_it_has(tmp_path: Path) -> None:
         cwd=tmp_path, timeout=60,
     )  # fmt: skip
     assert done.returncode == 124, done.stderr[-2000:]
-    assert "Stopped by --timeout 0 s during" in out.read_text()
+    assert "Stopped by --timeout" in out.read_text()
 
 
 @pytest.mark.parametrize("name", sorted(make_model.SHAPES))
@@ -127,3 +126,19 @@ def test_a_folder_holding_another_build_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="holds files but not this build"):
         make_model.build_model("qwen2-vl-2b", tmp_path)
+
+
+@pytest.mark.vllm
+def test_smoke_with_vllm_on_the_cpu(tmp_path: Path, tiny_model_dir: Path) -> None:
+    pytest.importorskip("vllm")
+    out, data = tmp_path / "table.md", tmp_path / "cells.json"
+    done = bench_gpu(
+        "--shape", "tiny", "--model-dir", str(tiny_model_dir), "--engines", "vllm",
+        "--images", "8", "--batch-sizes", "4", "--max-tokens", "4",
+        "--workdir", str(tmp_path / "work"), "--out", str(out), "--json", str(data),
+        cwd=tmp_path, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (row,) = table_rows(out.read_text())
+    assert row["engine"] == "vllm" and float(row["pipeline img/s"]) > 0
+    assert [c["tokens"] for c in json.loads(data.read_text())["cells"]] == [8 * 4]
