@@ -27,11 +27,11 @@ from websockets.asyncio.client import ClientConnection as WSClient
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from caption_flow.config.models import DatasetConfig, DataWorkerConfig
+from caption_flow.dial import dataset_with_credentials, dial, refusal
 from caption_flow.errors import ImageError, ProtocolError
 from caption_flow.images.pool import usable_cores
 from caption_flow.images.prepare import PrepareSettings, prepare_image
 from caption_flow.protocol.connection import ClientConnection
-from caption_flow.protocol.dial import dataset_with_credentials, dial, refusal
 from caption_flow.protocol.messages import (
     MAX_PREPARED_ITEMS,
     Ack,

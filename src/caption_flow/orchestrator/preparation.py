@@ -29,11 +29,15 @@ from caption_flow.orchestrator.prepared import BufferFull, PreparedBuffer
 from caption_flow.orchestrator.sessions import Session
 from caption_flow.protocol.messages import (
     Ack,
+    Heartbeat,
     ItemData,
+    Message,
     Prepared,
     PrepAssign,
     PrepLease,
+    PrepRequest,
     Reject,
+    Release,
 )
 
 log = logging.getLogger(__name__)
@@ -66,14 +70,14 @@ class PrepDesk:
         config: PrepareConfig,
         book: ChunkBook,
         buffer: PreparedBuffer,
-        chunk_keys: Callable[[str], list[str]],
+        item_keys: Callable[[int, int], dict[int, str]],
         settings: Callable[[], PrepareSettings],
         fetching_sessions: Callable[[], Iterable[str]],
     ) -> None:
         self.config = config
         self.book = book
         self.buffer = buffer
-        self.chunk_keys = chunk_keys  # a chunk's keys still missing, in order
+        self.item_keys = item_keys  # keys by item id, for an id range (the state database)
         self.settings = settings
         self.fetching_sessions = fetching_sessions  # workers that fetch over the connection
         self.max_item_bytes = int(config.max_item_mb * 1024 * 1024)
@@ -84,6 +88,28 @@ class PrepDesk:
         self._by_session: dict[str, set[str]] = {}
         self._changed = asyncio.Event()
         self.stats = PrepStats()
+
+    def chunk_keys(self, chunk_id: str) -> list[str]:
+        """Keys of a chunk's items neither stored nor on their way to the store, in order."""
+        ids = self.book.chunks[chunk_id].missing()
+        if not ids:
+            return []
+        keys = self.item_keys(ids[0], ids[-1])
+        return [keys[i] for i in ids if i in keys]
+
+    async def dispatch(self, session: Session, message: Message) -> None:
+        """A dataworker's messages (its role can send nothing else: protocol.connection).
+        ``prepared`` is handled before the next frame is read: a full buffer stops reading."""
+        if isinstance(message, PrepRequest):
+            await self.on_request(session, message.count)
+        elif isinstance(message, Prepared):
+            await self.on_prepared(session, message)
+        elif isinstance(message, Release):
+            self.on_release(session, message.chunk_id)
+        elif isinstance(message, Heartbeat):
+            session.stats = dict(message.stats)
+            session.last_heartbeat = time.monotonic()
+            session.current_chunk = self.describe(session.session_id)
 
     # -- chunks out -----------------------------------------------------------------------
     async def on_request(self, session: Session, count: int) -> None:

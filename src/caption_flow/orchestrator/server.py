@@ -51,8 +51,6 @@ from caption_flow.protocol.messages import (
     Fetch,
     Heartbeat,
     Message,
-    Prepared,
-    PrepRequest,
     Release,
     Request,
     Requeue,
@@ -150,7 +148,7 @@ class Orchestrator:
             self.config.prepare,
             self.book,
             self.buffer,
-            chunk_keys=self._missing_keys,
+            item_keys=self.store.reader.item_keys,
             settings=self.prepare_settings,
             fetching_sessions=lambda: [
                 s.session_id for s in self.sessions.values() if s.reads_remote
@@ -217,15 +215,6 @@ class Orchestrator:
         """How items are prepared for workers without the dataset: the current job's size."""
         prepare = self.config.prepare
         return PrepareSettings(self.job.image, prepare.format, prepare.quality)
-
-    def _missing_keys(self, chunk_id: str) -> list[str]:
-        """Keys of a chunk's items neither stored nor on their way to the store, in order."""
-        assert self.book is not None
-        ids = self.book.chunks[chunk_id].missing()
-        if not ids:
-            return []
-        keys = self.store.reader.item_keys(ids[0], ids[-1])
-        return [keys[i] for i in ids if i in keys]
 
     def _fail(self, reason: str) -> None:
         log.critical("stopping: %s", reason)
@@ -401,7 +390,7 @@ class Orchestrator:
             with self.metrics.lease_seconds.time():
                 await self.desk.on_request(session, message.count)
         elif session.role == "dataworker" and self.prep is not None:
-            await self._dispatch_dataworker(session, message)
+            await self.prep.dispatch(session, message)
         elif isinstance(message, Heartbeat):
             self.desk.on_heartbeat(session, message)
         elif isinstance(message, Release):
@@ -413,21 +402,6 @@ class Orchestrator:
         elif isinstance(message, Requeue):
             await self.requeue_failed()
             await session.send(Stats(snapshot=self.snapshot()))
-
-    async def _dispatch_dataworker(self, session: Session, message: Message) -> None:
-        """A dataworker's messages (its role can send nothing else: protocol.connection).
-        ``prepared`` is handled before the next frame is read: a full buffer stops reading."""
-        assert self.prep is not None
-        if isinstance(message, PrepRequest):
-            await self.prep.on_request(session, message.count)
-        elif isinstance(message, Prepared):
-            await self.prep.on_prepared(session, message)
-        elif isinstance(message, Release):
-            self.prep.on_release(session, message.chunk_id)
-        elif isinstance(message, Heartbeat):
-            session.stats = dict(message.stats)
-            session.last_heartbeat = time.monotonic()
-            session.current_chunk = self.prep.describe(session.session_id)
 
     async def _results_task(self, session: Session, message: Results, held: int) -> None:
         """Store one results message; anything unexpected is logged and the worker told to

@@ -27,12 +27,12 @@ from websockets.asyncio.client import ClientConnection as WSClient
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from caption_flow.config.models import DatasetConfig, ImageConfig, ModelConfig, WorkerConfig
+from caption_flow.dial import dataset_with_credentials, dial, refusal
 from caption_flow.engines.captioner import Captioner
 from caption_flow.engines.openai_engine import openai_loader, worker_model
 from caption_flow.errors import AuthError, EngineUnavailableError, ProtocolError, SourceError
 from caption_flow.images.pool import DecodePool
 from caption_flow.protocol.connection import ClientConnection
-from caption_flow.protocol.dial import dataset_with_credentials, dial, refusal
 from caption_flow.protocol.messages import (
     MAX_HELD_CHUNKS,
     Ack,
