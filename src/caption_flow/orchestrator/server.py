@@ -28,7 +28,8 @@ from caption_flow.config.models import DatasetConfig, ModelConfig, OrchestratorC
 from caption_flow.errors import ConfigError, ProtocolError
 from caption_flow.export.publish import Publisher
 from caption_flow.images.prepare import PrepareSettings
-from caption_flow.orchestrator.activity import ActivityLog, ThroughputHistory, eta_seconds
+from caption_flow.orchestrator import live
+from caption_flow.orchestrator.activity import ActivityLog, ThroughputHistory
 from caption_flow.orchestrator.admin import AdminDesk
 from caption_flow.orchestrator.auth import Authenticator, check_exposure
 from caption_flow.orchestrator.dataset_index import build_book, sync_chunks
@@ -199,8 +200,8 @@ class Orchestrator:
         )
         self._tasks = [
             supervise("lease-expiry", self._expiry_loop, self._fail),
-            supervise("status-line", self._status_loop, self._fail),
-            supervise("monitor-push", self._monitor_loop, self._fail),
+            supervise("status-line", lambda: live.status_loop(self), self._fail),
+            supervise("monitor-push", lambda: live.monitor_loop(self), self._fail),
             supervise("leaderboard", self.leaderboard.loop, self._fail),
         ]
         self._check_finished()
@@ -499,63 +500,10 @@ class Orchestrator:
             await self.desk.expire()
             self.prep.sweep()
 
-    async def _status_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.status_interval)
-            s = self.snapshot()
-            log.info(
-                "status: %d/%d items (%.1f/s), chunks %s, %d workers",
-                s["items_done"],
-                s["items_total"],
-                s["rate"],
-                s["chunks"],
-                s["workers"],
-            )
-
     def note(self, kind: str, text: str) -> None:
         """Add an entry to the activity log monitors show (kinds: activity.KINDS)."""
         self.activity.add(kind, text, time.time())
 
-    async def _monitor_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            if self.book is not None:
-                self.history.record(self.book.items_done, time.time())
-            monitors = [s for s in self.sessions.values() if s.role == "monitor"]
-            if monitors:
-                stats = Stats(snapshot=self.snapshot())
-                await asyncio.gather(*(m.send(stats) for m in monitors))
-
     def snapshot(self) -> dict[str, Any]:
-        """Live figures. One definition everywhere (summary, /metrics, monitors): an item is
-        done once its row is stored (captioned or failed for good), failed when that row has
-        an error (``NO_TEXT`` included, counted from the output itself, so restarts and
-        requeues keep it right), captioned when done and not failed."""
-        assert self.book is not None and self.desk is not None
-        failed = self.store.items_failed
-        now = time.time()
-        done, total = self.book.items_done, self.book.items_total
-        rate_avg = self.history.average_rate(done, now)
-        return {
-            "items_total": total,
-            "items_done": done,
-            "items_failed": failed,
-            "items_captioned": done - failed,
-            "rate": round(self.desk.rate.rate(), 2),
-            "rate_avg": round(rate_avg, 2),
-            "eta_s": eta_seconds(total - done, rate_avg or self.desk.rate.rate()),
-            "chunks": self.book.counts(),
-            "workers": sum(1 for s in self.sessions.values() if s.role == "worker"),
-            "sessions": [s.describe() for s in self.sessions.values()],
-            "uptime_s": round(now - self.started_at, 1),
-            "time": round(now, 3),
-            "model": self.job.model,
-            "prompts": list(self.job.inference_prompts),
-            "history": self.history.points(),
-            "activity": self.activity.recent(),
-            "contributors": self.leaderboard.rows,
-            "prepared": {
-                **self.buffer.stats(),
-                "dataworkers": sum(1 for s in self.sessions.values() if s.role == "dataworker"),
-            },
-        }
+        """Live figures for monitors, the dashboard, /metrics and the run summary."""
+        return live.snapshot(self)
