@@ -22,7 +22,8 @@ from support import TIME_UNIT, orchestrator_config, read_rows, worker_config
 
 from caption_flow.cli.certs import describe
 from caption_flow.cli.main import cli
-from caption_flow.config.models import TLSConfig, WorkerConfig
+from caption_flow.config.models import DataWorkerConfig, TLSConfig, WorkerConfig
+from caption_flow.dataworker.client import DataWorker
 from caption_flow.errors import ProtocolError
 from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.security.certs import CertificateError, generate_self_signed, inspect_certificate
@@ -247,6 +248,13 @@ async def test_full_run_over_wss_with_a_generated_certificate(
             await asyncio.wait_for(strict.run(), timeout=30 * TIME_UNIT)
         assert "self-signed" in str(refused.value) and "--no-verify-ssl" in str(refused.value)
         assert orch.snapshot()["items_done"] == 0
+        # A dataworker likewise stops at once, naming its own setting.
+        feeder = DataWorker(
+            DataWorkerConfig(server=f"wss://127.0.0.1:{orch.port}", token="dataworker-token-x")
+        )
+        with pytest.raises(ProtocolError, match=r"certificate .* is not trusted") as refused:
+            await asyncio.wait_for(feeder.run(), timeout=30 * TIME_UNIT)
+        assert "dataworker.verify_ssl: false" in str(refused.value)
         # Not verifying (--no-verify-ssl): the whole folder over wss://.
         await asyncio.wait_for(wss_worker(orch.port, verify=False).run(), 120 * TIME_UNIT)
     finally:

@@ -18,16 +18,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection as WSClient
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed
 
 from caption_flow.config.models import DatasetConfig, DataWorkerConfig
-from caption_flow.dial import dataset_with_credentials, dial, refusal
+from caption_flow.dial import (
+    CONNECTION_FAILURES,
+    dataset_with_credentials,
+    dial,
+    give_up_or_log,
+    wait_to_reconnect,
+)
 from caption_flow.errors import ImageError, ProtocolError
 from caption_flow.images.pool import usable_cores
 from caption_flow.images.prepare import PrepareSettings, prepare_image
@@ -91,22 +96,13 @@ class DataWorker:
                     async with dial(self.config.server, self.config.verify_ssl) as ws:
                         delay = 0.5
                         await self._session(ws)
-                except ConnectionClosed as exc:
-                    refused = refusal(exc, "dataworker")
-                    if refused is not None:
-                        raise refused from None
-                    log.warning("connection lost (%s); reconnecting", exc)
-                except InvalidURI as exc:
-                    raise ProtocolError(f"bad server URL: {exc}") from None
-                except (OSError, TimeoutError, InvalidHandshake, ProtocolError) as exc:
-                    log.warning("cannot reach orchestrator at %s: %s", self.config.server, exc)
+                except (*CONNECTION_FAILURES, ProtocolError) as exc:
+                    give_up_or_log(exc, "dataworker", self.config.server)
                 if self.stopped.is_set() or (self.finished and self.config.exit_when_done):
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self.stopped.wait(), delay * (0.8 + 0.4 * random.random())
-                    )
-                delay = min(delay * 2, self.config.reconnect_max_seconds)
+                delay = await wait_to_reconnect(
+                    self.stopped, delay, self.config.reconnect_max_seconds
+                )
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
 

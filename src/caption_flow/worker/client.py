@@ -17,20 +17,24 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
-import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection as WSClient
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed
 
 from caption_flow.config.models import DatasetConfig, ImageConfig, ModelConfig, WorkerConfig
-from caption_flow.dial import dataset_with_credentials, dial, refusal
+from caption_flow.dial import (
+    CONNECTION_FAILURES,
+    dataset_with_credentials,
+    dial,
+    give_up_or_log,
+    wait_to_reconnect,
+)
 from caption_flow.engines.captioner import Captioner
 from caption_flow.engines.openai_engine import openai_loader, worker_model
-from caption_flow.errors import AuthError, EngineUnavailableError, ProtocolError, SourceError
+from caption_flow.errors import EngineUnavailableError, ProtocolError, SourceError
 from caption_flow.images.pool import DecodePool
 from caption_flow.protocol.connection import ClientConnection
 from caption_flow.protocol.messages import (
@@ -140,25 +144,8 @@ class Worker:
                     self._ws = ws
                     delay = 0.5
                     await self._session(ws)
-            except AuthError:
-                raise
-            except ConnectionClosed as exc:
-                refused = refusal(exc, "worker")
-                if refused is not None:
-                    raise refused from None
-                log.warning("connection lost (%s); reconnecting", exc)
-            except ssl.SSLCertVerificationError as exc:
-                # Not transient: retrying would wait forever on a certificate nobody trusts.
-                raise ProtocolError(
-                    f"the orchestrator's certificate at {self.config.server} is not trusted "
-                    f"({exc.verify_message}): use one a CA signed (generate-cert --domain NAME "
-                    "--email ADDR), or accept a self-signed one with worker.verify_ssl: false "
-                    "(--no-verify-ssl)"
-                ) from None
-            except (OSError, TimeoutError, InvalidHandshake, ProtocolError) as exc:
-                log.warning("cannot reach orchestrator at %s: %s", self.config.server, exc)
-            except InvalidURI as exc:
-                raise ProtocolError(f"bad server URL: {exc}") from None
+            except (*CONNECTION_FAILURES, ProtocolError) as exc:
+                give_up_or_log(exc, "worker", self.config.server)
             finally:
                 self._ws = None
             if self._done():
@@ -167,9 +154,7 @@ class Worker:
                 else:
                     log.info("all work is done; stopping")
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopped.wait(), delay * (0.8 + 0.4 * random.random()))
-            delay = min(delay * 2, self.config.reconnect_max_seconds)
+            delay = await wait_to_reconnect(self.stopped, delay, self.config.reconnect_max_seconds)
 
     def _done(self) -> bool:
         return self.stopped.is_set() or (
