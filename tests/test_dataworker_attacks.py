@@ -250,7 +250,7 @@ async def test_every_attack_of_a_dataworker_is_refused_and_workers_get_true_item
             assert answer["type"] == "reject", (name, answer)
             assert reasons[name] in answer["reason"], (name, answer["reason"])
             assert chunk["chunk_id"] not in holds
-        assert orch.prep.stats.refused == 9
+        assert orch.prep.refused == 9
         assert orch.buffer.items == 0, "nothing refused was kept"
 
         # A frame over max_message_bytes is not even read.

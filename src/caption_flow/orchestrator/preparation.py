@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from caption_flow.config.models import PrepareConfig
 from caption_flow.images.prepare import PrepareSettings, check_prepared
@@ -54,14 +54,6 @@ class PrepHold:
     given: set[str]
     remaining: set[str]
     deadline: float  # monotonic; moved on by every accepted message
-    prepared: int = 0
-
-
-@dataclass
-class PrepStats:
-    accepted: int = 0
-    refused: int = 0
-    by_session: dict[str, int] = field(default_factory=dict)
 
 
 class PrepDesk:
@@ -87,7 +79,7 @@ class PrepDesk:
         self._delivered: dict[str, tuple[str, set[str]]] = {}
         self._by_session: dict[str, set[str]] = {}
         self._changed = asyncio.Event()
-        self.stats = PrepStats()
+        self.refused = 0  # prepared messages refused
 
     def chunk_keys(self, chunk_id: str) -> list[str]:
         """Keys of a chunk's items neither stored nor on their way to the store, in order."""
@@ -186,7 +178,7 @@ class PrepDesk:
     async def on_prepared(self, session: Session, message: Prepared) -> None:
         reason = self._refusal(session, message)
         if reason is not None:
-            self.stats.refused += 1
+            self.refused += 1
             log.warning("prepared items of %s refused: %s", session.name, reason)
             self._end_hold(message.chunk_id, session.session_id)
             await session.send(Reject(seq=message.seq, reason=reason))
@@ -201,12 +193,7 @@ class PrepDesk:
                 accepted += await self._keep(session, message.chunk_id, item)
             hold.remaining.discard(item.key)  # after the put: a waiting fetch finds it
             self._notify()
-        hold.prepared += accepted
         hold.deadline = time.monotonic() + self.config.lease_seconds
-        self.stats.accepted += accepted
-        self.stats.by_session[session.session_id] = (
-            self.stats.by_session.get(session.session_id, 0) + accepted
-        )
         if message.last or not hold.remaining:
             self._end_hold(message.chunk_id, session.session_id)
         self._notify()
@@ -260,7 +247,6 @@ class PrepDesk:
         for chunk_id in list(self._by_session.get(session.session_id, ())):
             self._end_hold(chunk_id, session.session_id)
         self._by_session.pop(session.session_id, None)
-        self.stats.by_session.pop(session.session_id, None)
 
     def _end_hold(self, chunk_id: str, session_id: str) -> None:
         hold = self.holds.get(chunk_id)

@@ -87,7 +87,7 @@ class PreparedBuffer:
         there is no room."""
         encoded = _encode(item)
         size = len(encoded)
-        self.take(chunk_id, item.key, count=False)
+        self._pop(chunk_id, item.key)  # an older copy, unread (its disk bytes go with the file)
         if self.memory_bytes + size <= self.memory_limit:
             entry = _Entry(encoded)
             self.memory_bytes += size
@@ -115,27 +115,32 @@ class PreparedBuffer:
         return self.directory / f"{digest}.bin"
 
     # -- emptying -------------------------------------------------------------------------
-    def take(self, chunk_id: str, key: str, count: bool = True) -> ItemData | None:
-        """Remove and return one item, None when it is not here."""
-        entries = self._chunks.get(chunk_id)
-        entry = entries.pop(key, None) if entries is not None else None
+    def take(self, chunk_id: str, key: str) -> ItemData | None:
+        """Remove and return one item (relayed to a worker), None when it is not here."""
+        entry = self._pop(chunk_id, key)
         if entry is None:
             return None
-        self.items -= 1
-        if entry.data is not None:
-            self.memory_bytes -= len(entry.data)
-            encoded = entry.data
-        else:
+        encoded = entry.data
+        if encoded is None:
             path, _ = self._files[chunk_id]
             with path.open("rb") as f:
                 f.seek(entry.offset)
                 encoded = f.read(entry.length)
-        if not entries:
-            self.drop_chunk(chunk_id)
+        if not self._chunks.get(chunk_id):
+            self.drop_chunk(chunk_id)  # its last item: the spill file goes too
         self._update_room()
-        if count:
-            self.relayed += 1
+        self.relayed += 1
         return _decode(encoded)
+
+    def _pop(self, chunk_id: str, key: str) -> _Entry | None:
+        """Forget one entry and the memory it held; its bytes are not read."""
+        entries = self._chunks.get(chunk_id)
+        entry = entries.pop(key, None) if entries is not None else None
+        if entry is not None:
+            self.items -= 1
+            if entry.data is not None:
+                self.memory_bytes -= len(entry.data)
+        return entry
 
     def drop_chunk(self, chunk_id: str) -> None:
         """Forget a chunk's items (it is finished, or failed): frees its memory and file."""
