@@ -307,9 +307,9 @@ async def test_a_full_buffer_makes_room_for_what_a_worker_waits_for(
     holds; and a full buffer still hands out a chunk a worker holds to prepare."""
     import msgspec
 
-    from caption_flow.dataworker.client import prepare_item
     from caption_flow.images.prepare import PrepareSettings
     from caption_flow.sources import open_source
+    from caption_flow.sources.wire import prepared_data
 
     images = image_folder(12, size=SIZE)
     config = config_for(tmp_path, images[0].parent, tiny_model_dir)
@@ -317,7 +317,7 @@ async def test_a_full_buffer_makes_room_for_what_a_worker_waits_for(
     settings = PrepareSettings(config.vllm.image, "jpeg", 90)
     # The buffer holds exactly the first chunk's prepared items (as the buffer encodes them).
     first_items = [
-        prepare_item(i, settings) for i in source.read(".", [p.name for p in images[:4]])
+        prepared_data(i, settings) for i in source.read(".", [p.name for p in images[:4]])
     ]
     exact = sum(len(msgspec.msgpack.encode(i)) for i in first_items)
     prepare = PrepareConfig(
@@ -343,7 +343,7 @@ async def test_a_full_buffer_makes_room_for_what_a_worker_waits_for(
             first, second = (await next_of(d1, PrepAssign)).chunks
             assert first.chunk_id == leased.chunk_id
             assert first.keys == [p.name for p in images[:4]]
-            ahead = [prepare_item(i, settings) for i in source.read(".", second.keys[:2])]
+            ahead = [prepared_data(i, settings) for i in source.read(".", second.keys[:2])]
             assert await send_prepared(d1, 1, second.chunk_id, ahead) == 2
 
             # The worker's chunk goes in whole; the read-ahead makes way for it.
@@ -360,3 +360,27 @@ async def test_a_full_buffer_makes_room_for_what_a_worker_waits_for(
             assert [c.chunk_id for c in (await next_of(d2, PrepAssign)).chunks] == more[1:]
     finally:
         await orch.stop()
+
+
+def test_items_on_the_wire_keep_their_columns_within_the_bounds() -> None:
+    """Orchestrator and dataworkers make wire items alike: columns travel (prompts may use
+    them), cut to the protocol's bounds, and a long read error still decodes on the worker."""
+    import io
+
+    from caption_flow.images.prepare import PrepareSettings
+    from caption_flow.protocol.messages import MAX_COLUMN_CHARS, MAX_REASON_CHARS, Items
+    from caption_flow.sources.base import SourceItem
+    from caption_flow.sources.wire import prepared_data
+
+    settings = PrepareSettings(ImageConfig(max_side=MAX_SIDE), "jpeg", 90)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (200, 100), (10, 200, 10)).save(jpeg, "JPEG")
+    columns = {"tags": "x" * (MAX_COLUMN_CHARS + 10), "n": 3, "nested": {"a": 1}}
+    item = prepared_data(SourceItem("k", jpeg.getvalue(), columns), settings)
+    assert item.columns == {"tags": "x" * MAX_COLUMN_CHARS, "n": 3, "nested": "{'a': 1}"}
+    assert (item.width, item.height) == (200, 100) and item.data is not None
+
+    broken = prepared_data(SourceItem("b", None, {}, "e" * 5000), settings)
+    assert broken.error is not None and len(broken.error) == MAX_REASON_CHARS
+    sent = decode(encode(Items(chunk_id="c", items=[item, broken])))
+    assert isinstance(sent, Items) and [i.key for i in sent.items] == ["k", "b"]

@@ -33,9 +33,9 @@ from caption_flow.dial import (
     give_up_or_log,
     wait_to_reconnect,
 )
-from caption_flow.errors import ImageError, ProtocolError
+from caption_flow.errors import ProtocolError
 from caption_flow.images.pool import usable_cores
-from caption_flow.images.prepare import PrepareSettings, prepare_image
+from caption_flow.images.prepare import PrepareSettings
 from caption_flow.protocol.connection import ClientConnection
 from caption_flow.protocol.messages import (
     MAX_PREPARED_ITEMS,
@@ -53,20 +53,10 @@ from caption_flow.protocol.messages import (
     encode,
 )
 from caption_flow.sources import open_source
-from caption_flow.sources.base import Source, SourceItem, take_items
+from caption_flow.sources.base import Source, take_items
+from caption_flow.sources.wire import prepared_data
 
 log = logging.getLogger(__name__)
-
-
-def prepare_item(item: SourceItem, settings: PrepareSettings) -> ItemData:
-    """One item prepared, or its error (the orchestrator then reads it itself)."""
-    if item.error is not None or item.data is None:
-        return ItemData(key=item.key, error=(item.error or "no data")[:2000])
-    try:
-        prepared = prepare_image(item.data, settings)
-    except ImageError as exc:
-        return ItemData(key=item.key, error=str(exc)[:2000])
-    return ItemData(key=item.key, data=prepared.data, width=prepared.width, height=prepared.height)
 
 
 class DataWorker:
@@ -232,7 +222,7 @@ class DataWorker:
                     break
                 left -= len(raw)
                 prepared = await asyncio.gather(
-                    *(loop.run_in_executor(self.pool, prepare_item, it, settings) for it in raw)
+                    *(loop.run_in_executor(self.pool, prepared_data, it, settings) for it in raw)
                 )
                 for item in prepared:
                     pending.append(item)

@@ -22,58 +22,23 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from caption_flow.config.models import DatasetConfig
-from caption_flow.errors import ImageError
 from caption_flow.images.pool import usable_cores
-from caption_flow.images.prepare import PrepareSettings, prepare_image
+from caption_flow.images.prepare import PrepareSettings
 from caption_flow.orchestrator.preparation import PrepDesk
 from caption_flow.orchestrator.prepared import PreparedBuffer
 from caption_flow.orchestrator.sessions import Session
 from caption_flow.protocol.messages import (
-    MAX_COLUMN_CHARS,
-    MAX_ITEM_BYTES,
-    MAX_STATS,
     Fetch,
     ItemData,
     Items,
 )
 from caption_flow.sources import open_source
 from caption_flow.sources.base import Source, SourceItem, take_items
+from caption_flow.sources.wire import prepared_data
 
 log = logging.getLogger(__name__)
 
 REPLY_BYTES = 8 * 1024 * 1024  # item data in one ``items`` reply
-
-
-def item_data(item: SourceItem) -> ItemData:
-    """A source item as the wire carries it: plain column values only, long ones cut."""
-    columns: dict[str, str | int | float | bool] = {}
-    for name, value in list(item.columns.items())[:MAX_STATS]:
-        if not isinstance(value, (str, int, float, bool)):
-            value = str(value)
-        if isinstance(value, str):
-            value = value[:MAX_COLUMN_CHARS]
-        columns[str(name)[:64]] = value
-    data: bytes | None = item.data
-    error = item.error
-    if data is not None and len(data) > MAX_ITEM_BYTES:
-        error = f"item of {len(data)} bytes is too large to send"
-    return ItemData(
-        key=item.key, data=data if error is None else None, error=error, columns=columns
-    )
-
-
-def prepared_data(item: SourceItem, settings: PrepareSettings | None) -> ItemData:
-    """An item read here, shrunk and re-encoded when ``settings`` are given; an image that
-    does not decode goes out as the item's error (the worker stores it as a failed item)."""
-    if settings is None or item.error is not None or item.data is None:
-        return item_data(item)
-    try:
-        prepared = prepare_image(item.data, settings)
-    except ImageError as exc:
-        return item_data(SourceItem(item.key, None, item.columns, str(exc)))
-    data = item_data(SourceItem(item.key, prepared.data, item.columns))
-    data.width, data.height = prepared.width, prepared.height
-    return data
 
 
 class ItemServer:
@@ -172,10 +137,10 @@ class ItemServer:
                     item = taken or await self._read_one(lease[0], key)
                 reply.append(item)
                 size += len(item.data or b"")
-                if self.prep is not None:
-                    self.prep.delivered(chunk_id, session.session_id, (key,))
                 last = position == len(keys) - 1
                 if size >= self.reply_bytes or last:
+                    if self.prep is not None:
+                        self.prep.delivered(chunk_id, session.session_id, [i.key for i in reply])
                     if last:  # free the session for its next fetch before it can arrive
                         self._busy.discard(session.session_id)
                     sent = Items(chunk_id=chunk_id, items=reply, last=last)
