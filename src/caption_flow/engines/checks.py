@@ -36,7 +36,17 @@ def schema_problem(text: str, schema: dict[str, Any]) -> str | None:
 
     Raises ConfigError when the schema itself is invalid (the job is wrong, not the item).
     """
-    validator = _validator(json.dumps(schema, sort_keys=True))
+    return schema_text_problem(text, schema_text(schema))
+
+
+def schema_text(schema: dict[str, Any]) -> str:
+    """A schema's canonical JSON text: what validators are cached by."""
+    return json.dumps(schema, sort_keys=True)
+
+
+def schema_text_problem(text: str, schema: str) -> str | None:
+    """:func:`schema_problem` for a schema given as its canonical text (no re-parse)."""
+    validator = _validator(schema)
     try:
         value = json.loads(text)
     except ValueError as exc:

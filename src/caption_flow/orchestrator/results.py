@@ -18,7 +18,7 @@ import msgspec
 
 from caption_flow.config.models import ModelConfig
 from caption_flow.engines.captioner import job_stages
-from caption_flow.engines.checks import schema_problem
+from caption_flow.engines.checks import schema_text, schema_text_problem
 from caption_flow.protocol.messages import ItemResult, Results
 from caption_flow.storage.rows import JournalRecord, encode_record, is_failure
 from caption_flow.storage.state import JournalBatch
@@ -58,7 +58,7 @@ class JobRules:
                     max_tokens = max(max_tokens, sampling.max_tokens)
             schema = stage.output_schema or job.output_schema
             if schema is not None:
-                text = json.dumps(schema, sort_keys=True)
+                text = schema_text(schema)
                 json_schemas[stage.output_field] = json_schemas.get(
                     stage.output_field, frozenset()
                 ) | {text}
@@ -110,7 +110,7 @@ def json_problem(text: str, schemas: Iterable[str]) -> str | None:
     problem = None
     for schema in schemas:
         try:
-            problem = schema_problem(text, json.loads(schema))
+            problem = schema_text_problem(text, schema)
         except RecursionError:
             return "JSON nested too deeply"
         if problem is None:
