@@ -87,6 +87,37 @@ def test_every_message_round_trips_through_its_tag() -> None:
             {"type": "hello", "role": "worker", "token": "t", "held_chunks": ["c"] * 65}
         ),
         msgspec.msgpack.encode({"type": "release", "chunk_id": "c", "reason": "r" * 2001}),
+        # Items over the connection and dataworkers' messages:
+        msgspec.msgpack.encode({"type": "fetch", "chunk_id": "c", "keys": ["k"] * 257}),
+        msgspec.msgpack.encode({"type": "fetch", "chunk_id": "c", "keys": []}),
+        msgspec.msgpack.encode({"type": "prep_request", "count": 65}),
+        msgspec.msgpack.encode({"type": "prep_request", "count": 0}),
+        msgspec.msgpack.encode(
+            {"type": "prepared", "chunk_id": "c", "seq": 1, "items": [{"key": "k"}] * 257}
+        ),
+        msgspec.msgpack.encode({"type": "prepared", "chunk_id": "c", "seq": -1, "items": []}),
+        msgspec.msgpack.encode(
+            {"type": "prepared", "chunk_id": "c", "seq": 1, "items": [{"key": "k", "width": -1}]}
+        ),
+        msgspec.msgpack.encode(
+            {"type": "prepared", "chunk_id": "c", "seq": 1, "items": [{"key": "k" * 1025}]}
+        ),
+        msgspec.msgpack.encode(
+            {
+                "type": "prepared",
+                "chunk_id": "c",
+                "seq": 1,
+                "items": [{"key": "k", "columns": {"t": "x" * (64 * 1024 + 1)}}],
+            }
+        ),
+        msgspec.msgpack.encode(
+            {
+                "type": "prepared",
+                "chunk_id": "c",
+                "seq": 1,
+                "items": [{"key": "k", "error": "e" * 2001}],
+            }
+        ),
     ],
 )
 def test_malformed_frames_are_protocol_errors_with_4400(frame: bytes) -> None:
