@@ -47,7 +47,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,15 @@ class Cell:
     smi_peak_gib: float | None = None
     done: int = 0
     failed: int = 0
+    # Every run's figures (JSON only), so a slow ratio can be told apart: feed gaps (engine
+    # idle between calls) or engine calls that ran slower inside the pipeline.
+    pipeline_runs_img_s: list[float] = field(default_factory=list)
+    alone_runs_img_s: list[float] = field(default_factory=list)
+    engine_calls: int = 0
+    start_s: float = 0.0  # first assignment to first engine call
+    gaps_s: float = 0.0  # engine idle between calls, summed
+    max_gap_s: float = 0.0
+    tail_s: float = 0.0  # last engine call to last ack
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +371,13 @@ def measure(
                 smi_peak_gib=watch.peak_gib,
                 done=run.items_done,
                 failed=run.items_failed,
+                pipeline_runs_img_s=[r.images_per_s for r in result.runs],
+                alone_runs_img_s=[args.images / t for t in result.alone_s if t],
+                engine_calls=run.calls,
+                start_s=run.start_s,
+                gaps_s=run.gaps_s,
+                max_gap_s=run.max_gap_s,
+                tail_s=run.tail_s,
             )
             with report.lock:
                 report.cells.append(cell)

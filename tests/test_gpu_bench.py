@@ -63,6 +63,11 @@ def test_smoke_on_the_cpu_with_the_tiny_model(tmp_path: Path, tiny_model_dir: Pa
     # ignore_eos: every image generates exactly max_tokens, so token rates are honest.
     assert [c["tokens"] for c in cells] == [8 * 4, 8 * 4]
     assert all(0 < c["busy"] <= 1 and c["first_result_s"] > 0 for c in cells)
+    # 8 images in batches of 4, then of 8: the engine calls of each pipeline run.
+    assert [c["engine_calls"] for c in cells] == [2, 1]
+    assert all(
+        len(c["pipeline_runs_img_s"]) == 1 and c["pipeline_runs_img_s"][0] > 0 for c in cells
+    )
 
 
 def test_its_own_deadline_writes_what_it_has(tmp_path: Path) -> None:
