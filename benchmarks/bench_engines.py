@@ -321,7 +321,9 @@ async def pipeline_run(
         lease_seconds=600,
         status_interval=3600,
     )
-    worker_config = WorkerConfig(name=f"bench-{engine}", engine=engine)
+    worker_config = WorkerConfig(
+        name=f"bench-{engine}", engine=engine, decode_threads=args.decode_threads
+    )
     orchestrator_config, worker_config = local_configs(orchestrator_config, worker_config)
     orchestrator = Orchestrator(orchestrator_config)
     await orchestrator.start()
@@ -661,6 +663,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0,
         help="torch.set_num_threads before any engine loads (0: torch's default); on the CPU "
         "it applies to both engines, vLLM's CPU build running in this process",
+    )
+    parser.add_argument(
+        "--decode-threads",
+        type=int,
+        default=0,
+        help="the pipeline worker's decode_threads (0: one per core, the worker's default)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)

@@ -320,6 +320,7 @@ def cell_args(
         "--repeats", str(args.repeats),
         "--max-model-len", str(512 if args.shape == "tiny" else 4096),
         "--timeout", str(max(1.0, left_s)),
+        "--decode-threads", str(args.decode_threads),
     ]  # fmt: skip
     parsed = be.parse_args(argv)
     parsed.images = args.images
@@ -435,6 +436,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the cells here")
     parser.add_argument(
+        "--decode-threads",
+        type=int,
+        default=0,
+        help="the pipeline worker's decode threads (0: one per core, the worker's default)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=540.0, help="seconds for the whole run (540)"
     )
     parser.add_argument(
@@ -541,7 +548,8 @@ def build_and_measure(
         f"webdataset tar shard; one prompt, greedy, ignore_eos, {args.max_tokens} output "
         "tokens per image; chunks of 4 x batch. Pipeline: orchestrator + one worker over "
         "loopback, first assignment to last ack, engine warm. Alone: Captioner.caption on "
-        f"pre-decoded images. ratio = pipeline / alone. {args.repeats} run(s) per cell."
+        f"pre-decoded images. ratio = pipeline / alone. {args.repeats} run(s) per cell. "
+        f"Worker decode threads: {args.decode_threads or 'one per core'}."
     )
     report.notes.extend(notes)
     if gpu and torch.cuda.device_count() > 1:
