@@ -9,8 +9,11 @@ A refusal is an error (exit 2); nothing here holds logic the orchestrator does n
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +116,37 @@ def read_orchestrator_section(path: Path) -> dict[str, Any]:
     return section
 
 
-def connection_options(fn: Any) -> Any:
+@dataclass(frozen=True)
+class Connection:
+    """The flags every command here shares; :meth:`config` resolves them when the command
+    needs to connect (after its own arguments are checked)."""
+
+    config_path: str | None
+    server: str | None
+    token: str | None
+    no_verify_ssl: bool
+
+    def config(self, prefer_admin: bool = True) -> MonitorConfig:
+        return client_config(
+            self.config_path, self.server, self.token, self.no_verify_ssl, prefer_admin
+        )
+
+
+def connection_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """Add --config, --server, --token, --no-verify-ssl and -v; the command receives them
+    as one ``connection``."""
+
+    @functools.wraps(fn)
+    def command(
+        *args: Any,
+        config_path: str | None,
+        server: str | None,
+        token: str | None,
+        no_verify_ssl: bool,
+        **kwargs: Any,
+    ) -> None:
+        fn(*args, connection=Connection(config_path, server, token, no_verify_ssl), **kwargs)
+
     for option in reversed(
         (
             click.option(
@@ -133,8 +166,8 @@ def connection_options(fn: Any) -> Any:
             verbose_option,
         )
     ):
-        fn = option(fn)
-    return fn
+        command = option(command)
+    return command
 
 
 def _echo_result(result: AdminResult | Stats) -> None:
@@ -150,13 +183,11 @@ def admin() -> None:
 @admin.command("reload-config")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @connection_options
-def reload_config(
-    file: Path, config_path: str | None, server: str | None, token: str | None, no_verify_ssl: bool
-) -> None:
+def reload_config(file: Path, connection: Connection) -> None:
     """Apply FILE's orchestrator section: what can change live changes, the rest is listed
     as needing a restart. An invalid file changes nothing."""
     section = read_orchestrator_section(file)
-    config = client_config(config_path, server, token, no_verify_ssl)
+    config = connection.config()
     result = admin_call(config, ReloadConfig(config=section))
     assert isinstance(result, AdminResult)
     click.echo(f"changed: {', '.join(result.changed) or 'nothing'}")
@@ -173,16 +204,9 @@ def tokens() -> None:
 @click.option("--role", type=click.Choice(ROLES), required=True)
 @click.option("--name", required=True, help="the contributor name the token stands for")
 @connection_options
-def tokens_add(
-    role: str,
-    name: str,
-    config_path: str | None,
-    server: str | None,
-    token: str | None,
-    no_verify_ssl: bool,
-) -> None:
+def tokens_add(role: str, name: str, connection: Connection) -> None:
     """Make a new random token; print it once (only its hash is stored)."""
-    config = client_config(config_path, server, token, no_verify_ssl)
+    config = connection.config()
     new = secrets.token_urlsafe(32)
     admin_call(config, AddToken(role=role, name=name, token_hash=hash_token(new)))  # type: ignore[arg-type]
     click.echo(new)
@@ -192,31 +216,18 @@ def tokens_add(
 @click.option("--name", required=True)
 @click.option("--role", type=click.Choice(ROLES), help="only this role's token (default: all)")
 @connection_options
-def tokens_revoke(
-    name: str,
-    role: str | None,
-    config_path: str | None,
-    server: str | None,
-    token: str | None,
-    no_verify_ssl: bool,
-) -> None:
+def tokens_revoke(name: str, role: str | None, connection: Connection) -> None:
     """Refuse NAME's token from now on and close its connections."""
-    config = client_config(config_path, server, token, no_verify_ssl)
+    config = connection.config()
     _echo_result(admin_call(config, RevokeToken(name=name, role=role)))  # type: ignore[arg-type]
 
 
 @tokens.command("list")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @connection_options
-def tokens_list(
-    as_json: bool,
-    config_path: str | None,
-    server: str | None,
-    token: str | None,
-    no_verify_ssl: bool,
-) -> None:
+def tokens_list(as_json: bool, connection: Connection) -> None:
     """Names, roles, where each token lives and whether it is revoked (never the tokens)."""
-    result = admin_call(client_config(config_path, server, token, no_verify_ssl), ListTokens())
+    result = admin_call(connection.config(), ListTokens())
     assert isinstance(result, AdminResult)
     rows = result.data.get("tokens", [])
     if as_json:
@@ -231,15 +242,9 @@ def tokens_list(
 @admin.command("set-prompt")
 @click.argument("prompts", nargs=-1, required=True)
 @connection_options
-def set_prompt(
-    prompts: tuple[str, ...],
-    config_path: str | None,
-    server: str | None,
-    token: str | None,
-    no_verify_ssl: bool,
-) -> None:
+def set_prompt(prompts: tuple[str, ...], connection: Connection) -> None:
     """Replace the job's prompts (one argument per prompt); workers switch at their next batch."""
-    config = client_config(config_path, server, token, no_verify_ssl)
+    config = connection.config()
     admin_call(config, SetConfig(config={"inference_prompts": list(prompts)}))
     click.echo(f"prompts set: {len(prompts)}")
 
@@ -250,13 +255,7 @@ def set_prompt(
 @click.option("--max-tokens", type=int)
 @connection_options
 def set_sampling(
-    temperature: float | None,
-    top_p: float | None,
-    max_tokens: int | None,
-    config_path: str | None,
-    server: str | None,
-    token: str | None,
-    no_verify_ssl: bool,
+    temperature: float | None, top_p: float | None, max_tokens: int | None, connection: Connection
 ) -> None:
     """Change sampling; workers apply it at their next batch, without reloading the model."""
     sampling = {
@@ -266,7 +265,7 @@ def set_sampling(
     }
     if not sampling:
         raise click.UsageError("give at least one of --temperature, --top-p, --max-tokens")
-    config = client_config(config_path, server, token, no_verify_ssl)
+    config = connection.config()
     admin_call(config, SetConfig(config={"sampling": sampling}))
     click.echo("sampling set: " + ", ".join(f"{k}={v}" for k, v in sampling.items()))
 
@@ -274,15 +273,9 @@ def set_sampling(
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="print the whole snapshot as JSON")
 @connection_options
-def status(
-    as_json: bool,
-    config_path: str | None,
-    server: str | None,
-    token: str | None,
-    no_verify_ssl: bool,
-) -> None:
+def status(as_json: bool, connection: Connection) -> None:
     """One summary of the run, for scripts and cron (monitor or admin token)."""
-    snap = fetch_snapshot(client_config(config_path, server, token, no_verify_ssl, False))
+    snap = fetch_snapshot(connection.config(prefer_admin=False))
     if as_json:
         click.echo(json.dumps(snap, indent=2))
         return
@@ -298,17 +291,9 @@ def status(
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @connection_options
-def contributors(
-    as_json: bool,
-    config_path: str | None,
-    server: str | None,
-    token: str | None,
-    no_verify_ssl: bool,
-) -> None:
+def contributors(as_json: bool, connection: Connection) -> None:
     """The contributors leaderboard (monitor or admin token)."""
-    rows = fetch_snapshot(client_config(config_path, server, token, no_verify_ssl, False)).get(
-        "contributors", []
-    )
+    rows = fetch_snapshot(connection.config(prefer_admin=False)).get("contributors", [])
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
