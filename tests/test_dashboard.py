@@ -301,15 +301,13 @@ async def test_page_in_chromium_is_live_and_matches_the_snapshot(
                 await page.wait_for_selector("#login", state="visible")
                 await page.fill("#token-input", "not-the-token")
                 await page.click("#login-form button")
-                await page.wait_for_function(
-                    "document.getElementById('login-error').textContent.includes('refused')"
-                )
+                # Selector waits, not wait_for_function: the page's CSP forbids eval, which
+                # Playwright's polling of a string predicate needs (it failed 1 run in 6).
+                await page.wait_for_selector("#login-error:has-text('refused')")
                 await page.fill("#token-input", MONITOR_TOKEN)
                 await page.click("#login-form button")
                 await page.wait_for_selector("#board", state="visible")
-                await page.wait_for_function(
-                    "document.getElementById('conn-status').textContent === 'live'"
-                )
+                await page.wait_for_selector("#conn-status:text-is('live')")
                 assert await page_int(page, "#items-total") == orch.snapshot()["items_total"] == 20
                 assert await page_int(page, "#items-done") == 0
 
