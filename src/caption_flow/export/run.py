@@ -62,7 +62,8 @@ def export(
     if options.dataset is None:
         options = replace(options, dataset=recorded_dataset(data_dir))
     with CommittedOutput(data_dir) as output:
-        total = output.count(selection)
+        # Counting is a pass over every part of its own: only a progress bar needs it.
+        total = output.count(selection) if progress is not None else 0
         output.schema(selection)  # an unknown --fields fails before any file is made
         writer = open_writer(fmt, options)
         done = 0

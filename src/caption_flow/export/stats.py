@@ -46,8 +46,16 @@ def collect_stats(data_dir: Path) -> dict[str, Any]:
     stats: dict[str, Any] = dict(_db_counts(data_dir))
     with CommittedOutput(data_dir) as output:
         stats["parts"] = len(output.files)
-        rows = output.query("SELECT count(*), count(error) FROM latest")
-        stats["rows"], stats["rows_failed"] = (int(v) for v in rows[0]) if rows else (0, 0)  # type: ignore[call-overload]
+        contributors = [
+            {"contributor": c, "rows": int(n), "failed": int(f)}  # type: ignore[call-overload]
+            for c, n, f in output.query(
+                "SELECT contributor_id, count(*) AS n, count(error) FROM latest "
+                "GROUP BY contributor_id ORDER BY n DESC, contributor_id"
+            )
+        ]
+        # Every row has one contributor group (NULL is a group too), so they add up.
+        stats["rows"] = sum(c["rows"] for c in contributors)
+        stats["rows_failed"] = sum(c["failed"] for c in contributors)
         stats["captions"] = {}
         for field in output.fields:
             col = quote_name(field)
@@ -78,11 +86,5 @@ def collect_stats(data_dir: Path) -> dict[str, Any]:
                 f"GROUP BY error ORDER BY n DESC, error LIMIT {TOP_REASONS}"
             )
         ]
-        stats["contributors"] = [
-            {"contributor": c, "rows": int(n), "failed": int(f)}  # type: ignore[call-overload]
-            for c, n, f in output.query(
-                "SELECT contributor_id, count(*) AS n, count(error) FROM latest "
-                "GROUP BY contributor_id ORDER BY n DESC, contributor_id"
-            )
-        ]
+        stats["contributors"] = contributors
     return stats
