@@ -80,3 +80,16 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None
     assert parse_retry_after("-1") is None and parse_retry_after("nan") is None
     assert parse_retry_after(None) is None
+
+
+def test_remembers_starts_only_for_a_rate_and_only_for_its_window() -> None:
+    """A long-lived engine starts millions of requests: what is kept per start must stay
+    bounded (it grew by one float per request while no rate was set)."""
+    unlimited = AdaptiveLimit(4, 4)
+    rated = AdaptiveLimit(4, 4, requests_per_minute=30)
+    for second in range(10_000):
+        for limit in (unlimited, rated):
+            if limit.can_start(float(second)):
+                limit.succeeded(limit.start(float(second)), float(second))
+    assert len(unlimited._starts) == 0
+    assert len(rated._starts) <= 30

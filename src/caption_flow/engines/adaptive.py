@@ -72,7 +72,8 @@ class AdaptiveLimit:
         """Record a request going out; the caller checked :meth:`can_start`."""
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        self._starts.append(now)
+        if self.requests_per_minute is not None:  # only a rate reads (and trims) the starts
+            self._starts.append(now)
         return Ticket(now)
 
     def succeeded(self, ticket: Ticket, now: float) -> None:
