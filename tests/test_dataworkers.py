@@ -384,3 +384,17 @@ def test_items_on_the_wire_keep_their_columns_within_the_bounds() -> None:
     assert broken.error is not None and len(broken.error) == MAX_REASON_CHARS
     sent = decode(encode(Items(chunk_id="c", items=[item, broken])))
     assert isinstance(sent, Items) and [i.key for i in sent.items] == ["k", "b"]
+
+
+def test_a_webp_with_unreadable_exif_is_prepared_not_raised() -> None:
+    """EXIF that Pillow cannot parse reads as "upright", as when decoding; it raised out of
+    preparation before, which released the whole chunk instead of preparing one image."""
+    import io
+
+    from caption_flow.images.prepare import PrepareSettings, prepare_image
+
+    webp = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(webp, "WEBP", exif=b"garbage")
+    prepared = prepare_image(webp.getvalue(), PrepareSettings(ImageConfig(max_side=64), "webp", 80))
+    assert (prepared.width, prepared.height) == (40, 30)
+    assert prepared.data == webp.getvalue()  # small, upright WebP: passed through as it is

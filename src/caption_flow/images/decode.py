@@ -116,7 +116,7 @@ def _decode_pillow(data: bytes, config: ImageConfig) -> tuple[Image.Image, int, 
         opened = Image.open(io.BytesIO(data))
         width, height = opened.size
         _check_pixels(width, height, config)
-        orientation = _pillow_orientation(opened)
+        orientation = pillow_orientation(opened)
         swapped = swaps_axes(orientation)
         shown_w, shown_h = (height, width) if swapped else (width, height)
         out_w, out_h = target_size(shown_w, shown_h, config)
@@ -150,7 +150,7 @@ def error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _pillow_orientation(image: Image.Image) -> int:
+def pillow_orientation(image: Image.Image) -> int:
     """The EXIF orientation (1-8), 1 where absent or unreadable."""
     try:
         value: Any = image.getexif().get(0x0112, 1)

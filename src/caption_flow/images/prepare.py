@@ -19,7 +19,12 @@ from PIL import Image
 
 from caption_flow.config.models import ImageConfig
 from caption_flow.errors import ImageError
-from caption_flow.images.decode import decode_image, error_reason, target_size
+from caption_flow.images.decode import (
+    decode_image,
+    error_reason,
+    pillow_orientation,
+    target_size,
+)
 from caption_flow.images.orientation import jpeg_exif_orientation
 
 PreparedFormat = Literal["jpeg", "webp"]
@@ -99,7 +104,7 @@ def _pass_through(data: bytes, config: ImageConfig) -> PreparedImage | None:
         return None
     if fmt == "JPEG" and jpeg_exif_orientation(data) != 1:
         return None
-    if fmt == "WEBP" and opened.getexif().get(0x0112, 1) not in (1, None):
+    if fmt == "WEBP" and pillow_orientation(opened) != 1:
         return None
     return PreparedImage(data, width, height)
 
