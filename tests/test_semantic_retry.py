@@ -163,7 +163,7 @@ def test_the_openai_engine_gets_the_same_retry_against_the_stand_in() -> None:
 
 def test_the_orchestrator_accepts_only_json_matching_the_schema_in_its_fields() -> None:
     rules = JobRules.of(job(output_schema=SCHEMA))
-    assert rules.json_fields == {"captions"}
+    assert rules.json_schemas.keys() == {"captions"}
 
     def item(text: str) -> ItemResult:
         return ItemResult(item_id=1, key="k", outputs={"captions": [text]})
@@ -181,7 +181,7 @@ def test_the_orchestrator_accepts_only_json_matching_the_schema_in_its_fields() 
     assert check_items([item('{"tags": []}')], both) is None
     assert check_items([item('{"n": 3}')], both) is None
     assert check_items([item('{"x": 3}')], both) is not None
-    assert rules.merged(JobRules.of(job())).json_fields == frozenset()
+    assert rules.merged(JobRules.of(job())).json_schemas == {}
     deep = "[" * 3000 + "]" * 3000
     assert check_items([item(deep)], rules) is not None, "deep nesting is refused, no crash"
     assert check_items([item("{tags")], JobRules.of(job())) is None, "no schema, no JSON rule"

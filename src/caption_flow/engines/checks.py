@@ -51,6 +51,16 @@ def schema_text_problem(text: str, schema: str) -> str | None:
         value = json.loads(text)
     except ValueError as exc:
         return f"invalid JSON: {exc}"[:_MAX_DETAIL_CHARS]
+    return _breaks(validator, value)
+
+
+def schema_value_problem(value: Any, schema: str) -> str | None:
+    """:func:`schema_text_problem` for a document already parsed (a caller checking one
+    document against several schemas parses it once)."""
+    return _breaks(_validator(schema), value)
+
+
+def _breaks(validator: Any, value: Any) -> str | None:
     error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     if error is None:
         return None

@@ -18,7 +18,7 @@ import msgspec
 
 from caption_flow.config.models import ModelConfig
 from caption_flow.engines.captioner import job_stages
-from caption_flow.engines.checks import schema_text, schema_text_problem
+from caption_flow.engines.checks import schema_text, schema_value_problem
 from caption_flow.protocol.messages import ItemResult, Results
 from caption_flow.storage.rows import JournalRecord, encode_record, is_failure
 from caption_flow.storage.state import JournalBatch
@@ -39,10 +39,6 @@ class JobRules:
     fields: dict[str, int]
     max_caption_chars: int
     json_schemas: dict[str, frozenset[str]] = field(default_factory=dict)
-
-    @property
-    def json_fields(self) -> frozenset[str]:
-        return frozenset(self.json_schemas)
 
     @classmethod
     def of(cls, job: ModelConfig) -> JobRules:
@@ -104,27 +100,21 @@ def check_items(items: Iterable[ItemResult], rules: JobRules) -> str | None:
 
 
 def json_problem(text: str, schemas: Iterable[str]) -> str | None:
-    """Why ``text`` matches none of ``schemas`` (JSON texts), or None when it matches one."""
-    if not is_json(text):
+    """Why ``text`` matches none of ``schemas`` (JSON texts), or None when it matches one.
+    Parsed once; hostile nesting depth is an answer, not a crash."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
         return "not valid JSON"
     problem = None
     for schema in schemas:
         try:
-            problem = schema_text_problem(text, schema)
+            problem = schema_value_problem(value, schema)
         except RecursionError:
             return "JSON nested too deeply"
         if problem is None:
             return None
     return problem
-
-
-def is_json(text: str) -> bool:
-    """True when ``text`` parses as JSON; hostile nesting depth is a no, not a crash."""
-    try:
-        json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return True
 
 
 def first_per_id(items: Iterable[ItemResult]) -> dict[int, ItemResult]:
