@@ -64,9 +64,9 @@ def hash_token(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
 
 
-def _matches(entry: TokenEntry, presented: str) -> bool:
+def _matches(entry: TokenEntry, presented: str, presented_hash: str) -> bool:
     if entry.token.startswith("sha256:"):
-        return hmac.compare_digest(entry.token, hash_token(presented))
+        return hmac.compare_digest(entry.token, presented_hash)
     return hmac.compare_digest(entry.token.encode(), presented.encode())
 
 
@@ -107,13 +107,18 @@ class Authenticator:
 
     def __call__(self, role: str, token: str) -> Identity | None:
         found: Identity | None = None
+        hashed = hash_token(token)  # once: every stored token is a hash
         # Check every entry so timing does not reveal which one matched.
-        for entry in (*self._by_role.get(role, []), *self._stored.get(role, [])):
-            if _matches(entry, token) and found is None:
+        for entry in self._entries(role):
+            if _matches(entry, token, hashed) and found is None:
                 found = Identity(role=role, contributor=entry.name)
         if found is not None and (role, found.contributor) in self._revoked:
             return None
         return found
+
+    def _entries(self, role: str) -> tuple[TokenEntry, ...]:
+        """The config's tokens of ``role``, then the database's."""
+        return (*self._by_role.get(role, []), *self._stored.get(role, []))
 
     def replace_config(self, auth: AuthConfig) -> None:
         """A reloaded config's tokens; stored tokens and revocations stay."""
@@ -137,16 +142,13 @@ class Authenticator:
 
     def knows(self, role: str, name: str) -> bool:
         """Whether some token of ``role`` named ``name`` is still accepted."""
-        entries = (*self._by_role.get(role, []), *self._stored.get(role, []))
-        return (role, name) not in self._revoked and any(e.name == name for e in entries)
+        return (role, name) not in self._revoked and any(
+            e.name == name for e in self._entries(role)
+        )
 
     def roles_of(self, name: str) -> list[str]:
         """The roles with a token named ``name`` (revoked or not)."""
-        return [
-            role
-            for role in ROLES
-            if any(e.name == name for e in (*self._by_role[role], *self._stored[role]))
-        ]
+        return [role for role in ROLES if any(e.name == name for e in self._entries(role))]
 
     def listing(self) -> list[TokenInfo]:
         shown: list[TokenInfo] = []
