@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from caption_flow.config.models import MonitorConfig
 from caption_flow.errors import AuthError, ProtocolError
-from caption_flow.protocol.connection import ClientConnection
+from caption_flow.protocol.connection import CLOSE_BAD_TOKEN, CLOSE_WRONG_ROLE, ClientConnection
 from caption_flow.protocol.messages import AdminResult, ErrorMsg, Hello, Message, Stats, encode
 from caption_flow.security.client_tls import client_ssl_context
 
@@ -44,7 +44,7 @@ async def request(config: MonitorConfig, role: str, message: Message) -> Message
     except ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd is not None else None
         reason = exc.rcvd.reason if exc.rcvd is not None else "connection lost"
-        if code in (4001, 4003):
+        if code in (CLOSE_BAD_TOKEN, CLOSE_WRONG_ROLE):
             raise AuthError(f"orchestrator refused the {role} token ({code}): {reason}") from None
         raise ProtocolError(f"connection to {config.server} closed: {reason}") from None
     except InvalidURI as exc:

@@ -26,14 +26,14 @@ from caption_flow.cli.configs import monitor_config
 from caption_flow.cli.logs import verbose_option
 from caption_flow.config.discovery import find_config_or_section, load_file, validate
 from caption_flow.config.models import AdminConfig, MonitorConfig, OrchestratorFile
-from caption_flow.errors import AuthError, CaptionFlowError, ConfigError, ProtocolError
+from caption_flow.errors import AuthError, CaptionFlowError, ConfigError
+from caption_flow.monitor.feed import fetch_snapshot
 from caption_flow.orchestrator.auth import hash_token
 from caption_flow.orchestrator_client import request
 from caption_flow.protocol.messages import (
     AddToken,
     AdminResult,
     ErrorMsg,
-    GetStats,
     ListTokens,
     Message,
     ReloadConfig,
@@ -95,15 +95,12 @@ def admin_call(config: MonitorConfig, message: Message) -> AdminResult | Stats:
     return answer
 
 
-def fetch_snapshot(config: MonitorConfig) -> dict[str, Any]:
+def snapshot_as_monitor_or_admin(config: MonitorConfig) -> dict[str, Any]:
     """One snapshot, with a monitor token or else an admin one."""
     try:
-        answer = asyncio.run(request(config, "monitor", GetStats()))
+        return asyncio.run(fetch_snapshot(config))
     except AuthError:
-        answer = asyncio.run(request(config, "admin", GetStats()))
-    if not isinstance(answer, Stats):
-        raise ProtocolError(f"expected a snapshot, got {type(answer).__name__}")
-    return answer.snapshot
+        return asyncio.run(fetch_snapshot(config, "admin"))
 
 
 def read_orchestrator_section(path: Path) -> dict[str, Any]:
@@ -275,7 +272,7 @@ def set_sampling(
 @connection_options
 def status(as_json: bool, connection: Connection) -> None:
     """One summary of the run, for scripts and cron (monitor or admin token)."""
-    snap = fetch_snapshot(connection.config(prefer_admin=False))
+    snap = snapshot_as_monitor_or_admin(connection.config(prefer_admin=False))
     if as_json:
         click.echo(json.dumps(snap, indent=2))
         return
@@ -293,7 +290,9 @@ def status(as_json: bool, connection: Connection) -> None:
 @connection_options
 def contributors(as_json: bool, connection: Connection) -> None:
     """The contributors leaderboard (monitor or admin token)."""
-    rows = fetch_snapshot(connection.config(prefer_admin=False)).get("contributors", [])
+    rows = snapshot_as_monitor_or_admin(connection.config(prefer_admin=False)).get(
+        "contributors", []
+    )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

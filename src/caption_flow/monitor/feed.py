@@ -9,9 +9,7 @@ refused token is not retried, since no retry can fix it. No Textual here: the CL
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -20,24 +18,23 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from caption_flow.config.models import MonitorConfig
+from caption_flow.dial import FATAL_CLOSE_CODES, wait_to_reconnect
 from caption_flow.errors import ProtocolError
 from caption_flow.monitor.model import Link
 from caption_flow.orchestrator_client import CONNECT_TIMEOUT_S, request
-from caption_flow.protocol.connection import ClientConnection
+from caption_flow.protocol.connection import CLOSE_BAD_TOKEN, ClientConnection
 from caption_flow.protocol.messages import GetStats, Hello, Stats, encode
 from caption_flow.security.client_tls import client_ssl_context
 
 log = logging.getLogger(__name__)
 
-REFUSED_CODES = (4001, 4003, 4426)  # bad token, wrong role, protocol version: final
-
 
 def refusal(exc: ConnectionClosed) -> str | None:
     """Why the orchestrator refused us for good, or None for a connection merely lost."""
-    if exc.rcvd is None or exc.rcvd.code not in REFUSED_CODES:
+    if exc.rcvd is None or exc.rcvd.code not in FATAL_CLOSE_CODES:
         return None
     reason = exc.rcvd.reason or "refused"
-    hint = " (check monitor.token or --token)" if exc.rcvd.code == 4001 else ""
+    hint = " (check monitor.token or --token)" if exc.rcvd.code == CLOSE_BAD_TOKEN else ""
     return f"{reason} ({exc.rcvd.code}){hint}"
 
 
@@ -91,12 +88,9 @@ class StatsFeed:
                 why = str(exc) or type(exc).__name__
             if self._connected:  # it worked a while: start the back-off afresh
                 delay = self.first_delay
-            wait = delay * (0.8 + 0.4 * random.random())
-            self.on_link(Link.RECONNECTING, f"{why}; next try in {wait:.1f}s")
+            self.on_link(Link.RECONNECTING, f"{why}; next try in about {delay:.1f}s")
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
-            delay = min(delay * 2, self.max_delay)
+            delay = await wait_to_reconnect(self._wake, delay, self.max_delay)
 
     async def _session(self) -> None:
         async with connect(
@@ -117,10 +111,10 @@ class StatsFeed:
                     self.on_snapshot(message.snapshot)
 
 
-async def fetch_snapshot(config: MonitorConfig) -> dict[str, Any]:
-    """One snapshot, for scripts; raises AuthError when refused, ProtocolError when the
-    orchestrator cannot be reached."""
-    answer = await request(config, "monitor", GetStats())
+async def fetch_snapshot(config: MonitorConfig, role: str = "monitor") -> dict[str, Any]:
+    """One snapshot, for scripts, asked for as ``role`` (monitor or admin); raises AuthError
+    when refused, ProtocolError when the orchestrator cannot be reached."""
+    answer = await request(config, role, GetStats())
     if not isinstance(answer, Stats):
         raise ProtocolError(f"expected a snapshot, got {type(answer).__name__}")
     return answer.snapshot

@@ -17,6 +17,7 @@ from caption_flow.errors import CaptionFlowError, ConfigError
 from caption_flow.orchestrator.auth import check_exposure
 from caption_flow.orchestrator.results import JobRules
 from caption_flow.orchestrator.sessions import Session
+from caption_flow.protocol.connection import CLOSE_BAD_TOKEN
 from caption_flow.protocol.messages import (
     AddToken,
     AdminResult,
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CLOSE_REVOKED = 4001
 # Top-level keys applied at once: read where they are used, or pushed to workers. Not
 # ``chunk_size``: chunks are only cut when the dataset is listed, at start-up.
 LIVE_KEYS = frozenset({"vllm", "chunks_per_request", "heartbeat_seconds", "status_interval"})
@@ -177,7 +177,7 @@ class AdminDesk:
             if not o.authenticate.knows(s.identity.role, s.identity.contributor)
         ]
         await asyncio.gather(
-            *(s.websocket.close(CLOSE_REVOKED, "token revoked") for s in gone),
+            *(s.websocket.close(CLOSE_BAD_TOKEN, "token revoked") for s in gone),
             return_exceptions=True,
         )
         return len(gone)

@@ -46,7 +46,7 @@ from caption_flow.orchestrator.sessions import Session, shown_capabilities
 from caption_flow.orchestrator.supervise import supervise
 from caption_flow.orchestrator.web import is_live_feed, serve_live
 from caption_flow.orchestrator.workers import WorkerDesk
-from caption_flow.protocol.connection import ServerConnection
+from caption_flow.protocol.connection import CLOSE_TRY_AGAIN, ServerConnection
 from caption_flow.protocol.messages import (
     ConfigUpdate,
     Fetch,
@@ -66,7 +66,6 @@ from caption_flow.storage.store import CaptionStore
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
-CLOSE_TRY_AGAIN = 1013
 CLOSE_INTERNAL = 1011
 # Largest frame an authenticated monitor or admin may send (their messages are small).
 CONTROL_MAX_BYTES = 1024 * 1024

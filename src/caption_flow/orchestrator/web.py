@@ -27,6 +27,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from caption_flow.protocol.connection import CLOSE_BAD_TOKEN, CLOSE_TRY_AGAIN
 from caption_flow.web import ASSETS, asset
 
 if TYPE_CHECKING:
@@ -40,8 +41,6 @@ PAGES = {"/": "index.html", "/index.html": "index.html"} | {f"/{n}": n for n in 
 LIVE_INTERVAL_S = 1.0
 TOKEN_WAIT_S = 10.0
 MAX_LIVE = 256  # browsers watching at once; more are told to try again later
-CLOSE_BAD_TOKEN = 4001
-CLOSE_TRY_AGAIN = 1013
 CLOSE_DISABLED = 4404
 MAX_TOKEN_CHARS = 512
 # The page's own script and style only; it talks to its own origin and nothing else.

@@ -47,6 +47,7 @@ CLOSE_BAD_TOKEN = 4001
 CLOSE_WRONG_ROLE = 4003
 CLOSE_MALFORMED = 4400
 CLOSE_VERSION = 4426
+CLOSE_TRY_AGAIN = 1013  # the server is busy: come back later
 
 # What each role may send once the handshake is done.
 ALLOWED_FROM: dict[str, tuple[type, ...]] = {
