@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,20 @@ def _run(coro: Any) -> Any:
         return uvloop.run(coro)
     except ImportError:
         return asyncio.run(coro)
+
+
+def _serve(make_client: Callable[[], Any]) -> None:
+    """Run a worker or dataworker (made inside the event loop) until it stops; SIGINT and
+    SIGTERM ask it to stop cleanly."""
+
+    async def serve() -> None:
+        client = make_client()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, client.stop)
+        await client.run()
+
+    _run(serve())
 
 
 class _Group(click.Group):
@@ -227,14 +242,7 @@ def worker(
         os.environ["CUDA_VISIBLE_DEVICES"] = str(config.gpu_id)
     from caption_flow.worker.client import Worker
 
-    async def work() -> None:
-        w = Worker(config)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, w.stop)
-        await w.run()
-
-    _run(work())
+    _serve(lambda: Worker(config))
 
 
 @cli.command()
@@ -258,14 +266,7 @@ def dataworker(config_path: str | None, no_verify_ssl: bool, **flags: Any) -> No
     config = dataworker_config(config_path, flags)
     from caption_flow.dataworker.client import DataWorker
 
-    async def work() -> None:
-        d = DataWorker(config)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, d.stop)
-        await d.run()
-
-    _run(work())
+    _serve(lambda: DataWorker(config))
 
 
 def _check_models(job: Any) -> None:

@@ -53,7 +53,7 @@ from caption_flow.protocol.messages import (
     encode,
 )
 from caption_flow.sources import open_source
-from caption_flow.sources.base import Source, take_items
+from caption_flow.sources.base import Source, close_reader, take_items
 from caption_flow.sources.wire import prepared_data
 
 log = logging.getLogger(__name__)
@@ -238,9 +238,7 @@ class DataWorker:
             log.warning("preparing %s failed: %s; handing it back", lease.chunk_id, exc)
             await ws.send(encode(Release(chunk_id=lease.chunk_id, reason=str(exc)[:2000])))
         finally:
-            close = getattr(reader, "close", None)
-            if close is not None:
-                close()
+            close_reader(reader)
 
     async def _send(self, ws: WSClient, chunk_id: str, items: list[ItemData], last: bool) -> None:
         await self._room.acquire()  # at most unacked_messages on their way

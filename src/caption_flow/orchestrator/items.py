@@ -33,7 +33,7 @@ from caption_flow.protocol.messages import (
     Items,
 )
 from caption_flow.sources import open_source
-from caption_flow.sources.base import Source, SourceItem, take_items
+from caption_flow.sources.base import Source, SourceItem, close_reader, take_items
 from caption_flow.sources.wire import prepared_data
 
 log = logging.getLogger(__name__)
@@ -153,18 +153,14 @@ class ItemServer:
             await session.send(Items(chunk_id=chunk_id, error=f"read failed: {exc}"[:2000]))
         finally:
             self._busy.discard(session.session_id)
-            close = getattr(reader, "close", None)
-            if close is not None:
-                close()
+            close_reader(reader)
 
     async def _read_one(self, shard: str, key: str) -> ItemData:
         reader = await asyncio.to_thread(self.source().read, shard, [key])
         try:
             return (await self._read_own(reader))[0]
         finally:
-            close = getattr(reader, "close", None)
-            if close is not None:
-                close()
+            close_reader(reader)
 
     async def _read_own(self, reader: Iterator[SourceItem]) -> list[ItemData]:
         """The next few items read here, prepared on the pool's threads at once."""

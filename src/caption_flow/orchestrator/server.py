@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import ssl
 import time
 import uuid
@@ -266,8 +265,7 @@ class Orchestrator:
             publish.to,
             repo=publish.repo,
             every_s=publish.every,
-            storage_options=publish.storage_options,
-            token=os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_HUB_TOKEN"),
+            storage_options=publish.storage_options,  # the hub token: from the environment
         )
         self.publisher.start()
         log.info(

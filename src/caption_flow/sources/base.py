@@ -42,6 +42,14 @@ def take_items(reader: Iterator[SourceItem], count: int) -> list[SourceItem]:
     return taken
 
 
+def close_reader(reader: Iterator[SourceItem] | None) -> None:
+    """End a reader early: a generator closes the shard it holds open (a plain iterator,
+    or None for a reader that never opened, has nothing to close)."""
+    close = getattr(reader, "close", None)
+    if close is not None:
+        close()
+
+
 class Source(Protocol):
     """A dataset. ``list_shards`` runs on the orchestrator, ``read`` on workers."""
 

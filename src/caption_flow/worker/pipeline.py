@@ -25,7 +25,7 @@ from caption_flow.engines.captioner import Captioner
 from caption_flow.errors import EngineUnavailableError, SourceError
 from caption_flow.images.pool import DecodedImage, DecodePool
 from caption_flow.protocol.messages import ChunkLease, ItemResult
-from caption_flow.sources.base import Source, SourceItem, take_items
+from caption_flow.sources.base import Source, SourceItem, close_reader, take_items
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,7 @@ class ChunkPipeline:
             log.exception("reading chunk %s failed", chunk.chunk_id)
             failure = exc
         finally:
-            close = getattr(reader, "close", None)
-            if close is not None:
-                close()
+            close_reader(reader)
         # Not in ``finally``: once cancelled, nobody reads the queue and a put would hang.
         await out.put(None)
         return failure
