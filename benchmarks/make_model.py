@@ -27,9 +27,7 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,25 +403,24 @@ def build_model(
             f"{out} holds files but not this build ({shape}, {dtype}, seed {seed}, layers "
             f"{layers}); give another --out or empty it"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        t0 = time.monotonic()
-        parameters = _build_into(staging, SHAPES[shape], dtype, device, seed, layers)
-        for item in staging.iterdir():
-            item.chmod(0o644)
-            os.replace(item, out / item.name)
-        marker = _recipe(shape, dtype, seed, layers)
-        marker.update(parameters=parameters, source=SHAPES[shape].source)
-        (out / f"{MARKER}.tmp").write_text(json.dumps(marker))
-        os.replace(out / f"{MARKER}.tmp", out / MARKER)
-        print(
-            f"{shape}: {parameters:,} parameters ({parameters / 1e9:.2f} B) in {dtype} on "
-            f"{device}, built and saved to {out} in {time.monotonic() - t0:.0f} s",
-            file=sys.stderr,
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    from caption_flow.demo.tiny_model import build_in_place
+
+    t0 = time.monotonic()
+    parameters = build_in_place(
+        out,
+        lambda staging: _build_into(staging, SHAPES[shape], dtype, device, seed, layers),
+        MARKER,
+        lambda built: {
+            **_recipe(shape, dtype, seed, layers),
+            "parameters": built,
+            "source": SHAPES[shape].source,
+        },
+    )
+    print(
+        f"{shape}: {parameters:,} parameters ({parameters / 1e9:.2f} B) in {dtype} on "
+        f"{device}, built and saved to {out} in {time.monotonic() - t0:.0f} s",
+        file=sys.stderr,
+    )
     return out
 
 

@@ -13,7 +13,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from PIL import Image, ImageDraw
 
@@ -21,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 #: Written last: its presence (with matching content) means the folder holds a complete model.
 MARKER = ".captionflow-tiny-model.json"
+T = TypeVar("T")
 _RECIPE_VERSION = 1
 
 SPECIAL_TOKENS = [
@@ -195,26 +198,41 @@ def build_tiny_model(path: Path, seed: int = 0, tokenizer: str = "words") -> Pat
     path = Path(path).absolute()
     if _is_complete(path, seed, tokenizer):
         return path
-    path.mkdir(parents=True, exist_ok=True)
     logger.info("building tiny Qwen2-VL model (seed %d) in %s", seed, path)
+    marker = {
+        "version": _RECIPE_VERSION,
+        "seed": seed,
+        "architecture": "Qwen2-VL",
+        "tokenizer": tokenizer,
+    }
+    build_in_place(
+        path, lambda staging: _build_into(staging, seed, tokenizer), MARKER, lambda _: marker
+    )
+    return path
+
+
+def build_in_place(
+    path: Path,
+    build_into: Callable[[Path], T],
+    marker_name: str,
+    marker_of: Callable[[T], dict[str, Any]],
+) -> T:
+    """Build into a sibling temporary folder, move the files into ``path``, then write the
+    marker (``marker_name``: ``marker_of(built)`` as JSON) last: an interrupted or concurrent
+    build never leaves a folder that looks complete but is not. ``build_into``'s result."""
+    path.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        _build_into(staging, seed, tokenizer)
+        built = build_into(staging)
         for item in staging.iterdir():
             item.chmod(0o644)  # some writers create 0600 files; the model is meant to be shared
             os.replace(item, path / item.name)
-        marker = {
-            "version": _RECIPE_VERSION,
-            "seed": seed,
-            "architecture": "Qwen2-VL",
-            "tokenizer": tokenizer,
-        }
-        tmp_marker = path / f"{MARKER}.{os.getpid()}.tmp"
-        tmp_marker.write_text(json.dumps(marker))
-        os.replace(tmp_marker, path / MARKER)
+        tmp_marker = path / f"{marker_name}.{os.getpid()}.tmp"
+        tmp_marker.write_text(json.dumps(marker_of(built)))
+        os.replace(tmp_marker, path / marker_name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return built
 
 
 _COLOURS = [
