@@ -306,11 +306,16 @@ def count_parameters(shape: Shape, layers: int | None = None) -> int:
     _, model_class, _ = _classes(shape)
     with torch.device("meta"):
         model = model_class(build_config(shape, layers))
-    # Tied embeddings are one tensor. Tied by hand: in a process that loaded other models
-    # first (the test suite), transformers' own tie_weights() was seen to leave them apart.
+    _tie_embeddings(model, shape)  # tied embeddings are one tensor
+    return sum(p.numel() for p in model.parameters())
+
+
+def _tie_embeddings(model: Any, shape: Shape) -> None:
+    """Share input and output embeddings where the published model does (2B, 3B). By hand:
+    in a process that loaded other models first (the test suite), transformers' own
+    tie_weights() was seen to leave them apart."""
     if shape.tie_word_embeddings:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    return sum(p.numel() for p in model.parameters())
 
 
 def _build_into(
@@ -328,8 +333,7 @@ def _build_into(
     # initializer_range 0.02, norms at one) runs there, no fp32 copy anywhere.
     with torch.device(device):
         model = model_class._from_config(config, dtype=getattr(torch, dtype)).eval()
-    if shape.tie_word_embeddings:  # the published 2B and 3B share them (tied by hand: see
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight  # above)
+    _tie_embeddings(model, shape)
     with torch.no_grad():
         model.get_output_embeddings().weight[FIRST_SPECIAL_ID:].zero_()
     model.generation_config = GenerationConfig(
