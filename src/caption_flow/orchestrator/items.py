@@ -51,7 +51,7 @@ class ItemServer:
         cache_dir: Any,
         lease: Callable[[Session, str], tuple[str, set[str]] | None],
         buffer: PreparedBuffer,
-        prep: PrepDesk | None = None,
+        prep: PrepDesk,
         settings: Callable[[], PrepareSettings | None] = lambda: None,
         wait_seconds: float = 30.0,
         reply_bytes: int = REPLY_BYTES,
@@ -112,14 +112,12 @@ class ItemServer:
         keys = list(message.keys)
         reader: Iterator[SourceItem] | None = None
         try:
-            if self.prep is not None:
-                await self.prep.wait_prepared(chunk_id, keys, self.wait_seconds)
+            await self.prep.wait_prepared(chunk_id, keys, self.wait_seconds)
             lease = self._lease(session, chunk_id)
             if lease is None:  # lost meanwhile (expired, released)
                 raise LookupError(f"chunk {chunk_id} is no longer leased to you")
             own = [k for k in keys if not self.buffer.has(chunk_id, k)]
-            if self.prep is not None:
-                self.prep.forget(chunk_id, own)
+            self.prep.forget(chunk_id, own)
             if own:
                 reader = await asyncio.to_thread(self.source().read, lease[0], own)
             read: list[ItemData] = []
@@ -139,8 +137,7 @@ class ItemServer:
                 size += len(item.data or b"")
                 last = position == len(keys) - 1
                 if size >= self.reply_bytes or last:
-                    if self.prep is not None:
-                        self.prep.delivered(chunk_id, session.session_id, [i.key for i in reply])
+                    self.prep.delivered(chunk_id, session.session_id, [i.key for i in reply])
                     if last:  # free the session for its next fetch before it can arrive
                         self._busy.discard(session.session_id)
                     sent = Items(chunk_id=chunk_id, items=reply, last=last)

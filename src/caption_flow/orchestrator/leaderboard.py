@@ -19,7 +19,7 @@ MAX_ROWS = 200
 
 def read_leaderboard(db: StateDB, limit: int = MAX_ROWS) -> list[dict[str, Any]]:
     """The ``limit`` contributors with most items stored; ``share`` is of all their items."""
-    _, total = db.contributor_totals()
+    total = db.contributor_items()
     return [
         {
             "contributor": name,

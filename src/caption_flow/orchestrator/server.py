@@ -43,7 +43,7 @@ from caption_flow.orchestrator.prepared import PreparedBuffer
 from caption_flow.orchestrator.results import JobRules
 from caption_flow.orchestrator.sessions import Session, shown_capabilities
 from caption_flow.orchestrator.supervise import supervise
-from caption_flow.orchestrator.web import is_live_feed, serve_live
+from caption_flow.orchestrator.web import Dashboard, is_live_feed, serve_live
 from caption_flow.orchestrator.workers import WorkerDesk
 from caption_flow.protocol.connection import CLOSE_TRY_AGAIN, ServerConnection
 from caption_flow.protocol.messages import (
@@ -90,6 +90,7 @@ class Orchestrator:
         self.metrics = Metrics(self)
         self.admin = AdminDesk(self)
         self.leaderboard = Leaderboard(self.store)
+        self.dashboard = Dashboard(self)
         self.book: ChunkBook | None = None
         self.desk: WorkerDesk | None = None
         self.items: ItemServer | None = None  # items over the connection

@@ -19,7 +19,6 @@ import http
 import json
 import logging
 import time
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -143,16 +142,6 @@ class Dashboard:
         return text
 
 
-_boards: weakref.WeakKeyDictionary[Orchestrator, Dashboard] = weakref.WeakKeyDictionary()
-
-
-def dashboard(orchestrator: Orchestrator) -> Dashboard:
-    board = _boards.get(orchestrator)
-    if board is None:
-        board = _boards[orchestrator] = Dashboard(orchestrator)
-    return board
-
-
 def _response(status: int, body: bytes, content_type: str, **extra: str) -> Response:
     headers = Headers(
         [
@@ -174,7 +163,7 @@ def _response(status: int, body: bytes, content_type: str, **extra: str) -> Resp
 def answer_web(orchestrator: Orchestrator, request: Request, path: str) -> Response | None:
     """The page, its files and ``/api/snapshot``; None for any other path (or when the
     dashboard is off), so the caller answers it."""
-    board = dashboard(orchestrator)
+    board = orchestrator.dashboard
     if not board.enabled:
         return None
     name = PAGES.get(path)
@@ -208,7 +197,7 @@ async def serve_live(orchestrator: Orchestrator, websocket: Any) -> None:
     The token is checked again before every frame, so a revoked token (or a switch from
     public to private) stops the feed. Connections still owing their token count towards
     :data:`MAX_LIVE` too."""
-    board = dashboard(orchestrator)
+    board = orchestrator.dashboard
     if not board.enabled:
         await websocket.close(CLOSE_DISABLED, "the dashboard is off")
         return

@@ -58,7 +58,7 @@ class WorkerDesk:
         rules: Callable[[], JobRules],
         live_sessions: Callable[[], Container[str]],
         on_change: Callable[[], None],
-        activity: ActivityLog | None = None,
+        activity: ActivityLog,
     ) -> None:
         self.config = config
         self.book = book
@@ -67,7 +67,7 @@ class WorkerDesk:
         self.live_sessions = live_sessions
         self.on_change = on_change  # the book may have finished
         self.rate = RateMeter()
-        self.activity = activity if activity is not None else ActivityLog()
+        self.activity = activity
         self._lease_keys: dict[str, dict[int, str]] = {}
 
     # -- chunk states for the database --------------------------------------------------

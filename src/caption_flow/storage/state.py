@@ -545,11 +545,10 @@ class StateDB:
             (limit,),
         ).fetchall()
 
-    def contributor_totals(self) -> tuple[int, int]:
-        """(contributors, items) over every contributor: the leaderboard's denominator."""
-        row = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(items), 0) FROM contributors")
-        count, items = row.fetchone()
-        return int(count), int(items)
+    def contributor_items(self) -> int:
+        """Items over every contributor: the leaderboard's denominator."""
+        row = self.conn.execute("SELECT COALESCE(SUM(items), 0) FROM contributors")
+        return int(row.fetchone()[0])
 
     def tokens(self) -> list[tuple[str, str, str, str, float | None]]:
         """(role, name, token_hash, source, revoked) of every stored token or revocation."""
