@@ -345,13 +345,20 @@ class ChunkBook:
         chunk.granted = set()
         chunk.item_attempts = {}
 
+    def leased_to(self, session: str, chunk_id: str) -> Chunk | None:
+        """The chunk, while it is leased to ``session``; None otherwise."""
+        chunk = self.chunks.get(chunk_id)
+        if chunk is None or chunk.status is not ChunkStatus.LEASED or chunk.holder != session:
+            return None
+        return chunk
+
     # -- giving back ----------------------------------------------------------------------
     def release(self, session: str, chunk_id: str, reason: str = "") -> Expiry | None:
         """The holder gives a chunk back. Without a reason (a clean stop) it goes to the front
         of the queue at no cost; with one it counts as an attempt, and fails the chunk after
         ``max_attempts``."""
-        chunk = self.chunks.get(chunk_id)
-        if chunk is None or chunk.holder != session or chunk.status is not ChunkStatus.LEASED:
+        chunk = self.leased_to(session, chunk_id)
+        if chunk is None:
             return None
         self._unlease(chunk)
         if not reason:

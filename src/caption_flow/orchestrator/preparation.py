@@ -294,8 +294,7 @@ class PrepDesk:
     def _sent_to_holder(self, chunk_id: str) -> set[str]:
         """Keys the chunk's current holder already has (none once it changed hands)."""
         entry = self._delivered.get(chunk_id)
-        chunk = self.book.chunks[chunk_id]
-        if entry is None or chunk.status is not ChunkStatus.LEASED or chunk.holder != entry[0]:
+        if entry is None or self.book.leased_to(entry[0], chunk_id) is None:
             return set()
         return entry[1]
 

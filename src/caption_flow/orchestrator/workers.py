@@ -115,10 +115,8 @@ class WorkerDesk:
     def leased_keys(self, session: Session, chunk_id: str) -> tuple[str, set[str]] | None:
         """A chunk's shard and the keys of its items still leased to ``session`` (what it
         may fetch over the connection), or None when the chunk is not leased to it."""
-        chunk = self.book.chunks.get(chunk_id)
-        if chunk is None or chunk.status is not ChunkStatus.LEASED:
-            return None
-        if chunk.holder != session.session_id:
+        chunk = self.book.leased_to(session.session_id, chunk_id)
+        if chunk is None:
             return None
         keys = self._lease_keys.get(chunk_id)
         return (chunk.shard, set(keys.values())) if keys is not None else None
@@ -157,12 +155,7 @@ class WorkerDesk:
         now = time.monotonic()
         session.stats = dict(message.stats)
         session.last_heartbeat = now
-        chunk = self.book.chunks.get(message.chunk) if message.chunk else None
-        ours = (
-            chunk is not None
-            and chunk.status is ChunkStatus.LEASED
-            and chunk.holder == session.session_id
-        )
+        ours = self.book.leased_to(session.session_id, message.chunk) is not None
         session.current_chunk = message.chunk if ours else ""
         self.book.heartbeat(session.session_id, now)
 
