@@ -76,6 +76,16 @@ async def test_auto_reads_through_the_orchestrator_when_the_path_is_not_here(
     assert reads_dataset(dataset, None)
     assert not reads_dataset(dataset, str(tmp_path / "missing"))
     assert reads_dataset(dataset, "s3://bucket/images")
+    # Shards named by a brace pattern are read here when they are here (the orchestrator's
+    # own start-up check decides), and fetched when they are not.
+    (tmp_path / "shard-0.tar").write_bytes(b"")
+    (tmp_path / "shard-1.tar").write_bytes(b"")
+    shards = DatasetConfig(type="webdataset", path=str(tmp_path / "shard-{0..1}.tar"))
+    assert reads_dataset(shards, None)
+    assert not reads_dataset(shards, str(tmp_path / "elsewhere-{0..1}.tar"))
+    assert reads_dataset(DatasetConfig(type="huggingface", path="org/name"), None)
+    missing_parquet = DatasetConfig(type="huggingface", path=str(tmp_path / "no.parquet"))
+    assert not reads_dataset(missing_parquet, None)
 
 
 async def hello(orch: Orchestrator, ws: Any, who: str) -> RawClient:

@@ -14,12 +14,12 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from pathlib import Path
 
 from caption_flow.config.models import DatasetConfig
-from caption_flow.errors import SourceError
+from caption_flow.errors import ConfigError, SourceError
 from caption_flow.protocol.messages import Fetch, ItemData, Items
 from caption_flow.sources.base import ShardListing, SourceItem
+from caption_flow.sources.check import check_dataset
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,17 @@ FETCH_TIMEOUT = 300.0  # seconds a reply may take (the orchestrator reads on a t
 
 
 def reads_dataset(dataset: DatasetConfig, path_override: str | None) -> bool:
-    """read_dataset "auto": whether this host can read the dataset itself, i.e. its path
-    exists here, or is a remote URL or a hub dataset (read with this worker's credentials)."""
-    if dataset.type == "huggingface":
-        return True
+    """read_dataset "auto": whether this host can read the dataset itself: a remote URL or a
+    hub dataset (read with this worker's credentials), or a local path that passes the same
+    check the orchestrator makes at start (brace patterns and globs of shards included)."""
     path = path_override or dataset.path
-    return "://" in path or Path(path).expanduser().exists()
+    if "://" in path:
+        return True
+    try:
+        check_dataset(dataset.model_copy(update={"path": path}))
+    except ConfigError:
+        return False
+    return True
 
 
 class RemoteSource:
