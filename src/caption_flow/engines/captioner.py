@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from caption_flow.config.models import ModelConfig, SamplingConfig, StageConfig
 from caption_flow.engines.base import (
@@ -24,7 +25,7 @@ from caption_flow.engines.base import (
     Generation,
     GenerationRequest,
 )
-from caption_flow.engines.checks import EMPTY, caption_problem, repair_json
+from caption_flow.engines.checks import EMPTY, caption_problem, repair_json, schema_text
 from caption_flow.engines.factory import EngineKind, load_engine
 from caption_flow.engines.prompts import render_prompt
 from caption_flow.engines.spec import spec_from_job
@@ -188,7 +189,7 @@ class Captioner:
                 prompt = render_prompt(template, values[index])
                 requests.append(GenerationRequest(item.image, prompt, output_schema=schema))
         results = self._generate(engine, requests, stage.sampling or job.sampling)
-        self._retry(engine, stage, job, requests, [values[i] for i in owners], results)
+        self._retry(engine, stage, job, schema, requests, [values[i] for i in owners], results)
         texts: dict[int, list[str]] = {index: [] for index in alive}
         for index, result in zip(owners, results, strict=True):
             state = states[index]
@@ -211,6 +212,7 @@ class Captioner:
         engine: Engine,
         stage: StageConfig,
         job: ModelConfig,
+        schema: dict[str, Any] | None,
         requests: list[GenerationRequest],
         values: list[dict[str, object]],
         results: list[_Result],
@@ -219,14 +221,19 @@ class Captioner:
         is asked again with the retry prompt and sampling. An answer still bad after it
         becomes the item's failure reason; one still empty stays "" (an item with no text
         at all is failed downstream)."""
-        schema = requests[0].output_schema if requests else None
         repairs = job.json_repairs if schema is not None else []
+        text_of_schema = schema_text(schema) if schema is not None else None
+
+        def checked(generation: Generation) -> tuple[Generation, str | None]:
+            """The answer after the job's JSON repairs, and what is still wrong with it."""
+            if repairs:
+                generation = _repaired(generation, repairs)
+            return generation, caption_problem(generation.text, job.refusal_markers, text_of_schema)
+
         problems: dict[int, str] = {}
         for position, result in enumerate(results):
             if isinstance(result, Generation):
-                if repairs:
-                    result = results[position] = _repaired(result, repairs)
-                problem = caption_problem(result.text, job.refusal_markers, schema)
+                results[position], problem = checked(result)
                 if problem is not None:
                     problems[position] = problem
         if not problems:
@@ -250,9 +257,7 @@ class Captioner:
             if isinstance(second, str):
                 results[position] = f"{first}; the retry failed: {second}"
                 continue
-            if repairs:
-                second = _repaired(second, repairs)
-            problem = caption_problem(second.text, job.refusal_markers, schema)
+            second, problem = checked(second)
             if problem is None or problem == EMPTY:
                 results[position] = Generation(
                     second.text, spent + second.tokens, model=second.model

@@ -114,10 +114,10 @@ def _without_duplicates(value: Any) -> Any:
     return value
 
 
-def caption_problem(
-    text: str, refusal_markers: Sequence[str], schema: dict[str, Any] | None
-) -> str | None:
+def caption_problem(text: str, refusal_markers: Sequence[str], schema: str | None) -> str | None:
     """Why ``text`` is not a usable caption (:data:`EMPTY` for no text), or None.
+    ``schema``: the output schema as :func:`schema_text` (made once per batch, not per
+    caption).
 
     A refusal is a caption that *starts* with a marker (case-insensitive): a caption that
     merely mentions "I cannot" later on is not one.
@@ -130,5 +130,5 @@ def caption_problem(
         if marker.strip() and lowered.startswith(marker.strip().lower()):
             return f"refused ({marker.strip()!r})"
     if schema is not None:
-        return schema_problem(stripped, schema)
+        return schema_text_problem(stripped, schema)
     return None
