@@ -55,13 +55,6 @@ class ImageFetcher:
             return {}
         found: dict[str, str | None] = {}
         for key in keys:
-            members = index.samples.get(key, [])
-            found[key] = next(
-                (
-                    e[0]
-                    for e in members
-                    if e[0].lower().rsplit(".", 1)[-1] in source.image_extensions
-                ),
-                None,
-            )
+            image = source.image_member(index.samples.get(key, []))
+            found[key] = image[0] if image is not None else None
         return found

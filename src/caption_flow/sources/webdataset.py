@@ -117,18 +117,25 @@ class WebDatasetSource:
         else:
             yield from self._read_stream(location, plans)
 
+    def image_member(self, members: Sequence[MemberEntry]) -> MemberEntry | None:
+        """A sample's image: its first member with an image extension (None: it has none)."""
+        return next((entry for entry in members if self._is_image(entry)), None)
+
+    def _is_image(self, entry: MemberEntry) -> bool:
+        return entry[0].lower().rsplit(".", 1)[-1] in self.image_extensions
+
     def _plan(self, index: TarIndex, key: str) -> _Plan:
         members = index.samples.get(key)
         if members is None:
             return _Plan(key, error="no such sample in shard")
-        plan = _Plan(key)
-        for entry in members:
-            ext = entry[0].lower()
-            if ext.rsplit(".", 1)[-1] in self.image_extensions:
-                if plan.image is None:
-                    plan.image = entry
-            elif self._wants_column(ext) and entry[2] <= SIDECAR_MAX_BYTES:
-                plan.sidecars.append(entry)
+        plan = _Plan(key, image=self.image_member(members))
+        plan.sidecars = [
+            entry
+            for entry in members
+            if not self._is_image(entry)
+            and self._wants_column(entry[0].lower())
+            and entry[2] <= SIDECAR_MAX_BYTES
+        ]
         if plan.image is None:
             found = ", ".join(e[0] for e in members) or "nothing"
             plan.error = f"sample has no image member (found: {found})"
