@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,12 @@ log = logging.getLogger(__name__)
 DATA_DIR_HELP = "the orchestrator's state and output folder"
 
 
-def _data_dir(config_path: str | None, data_dir: str | None) -> tuple[Path, Any, Any]:
-    """The data directory and, with --config, the dataset and the whole config."""
+def _data_dir(config_path: str | None, data_dir: str | None) -> tuple[Path, Any]:
+    """The data directory and, with --config, the orchestrator config."""
     if config_path is None:
-        return Path(data_dir or "./caption_data"), None, None
+        return Path(data_dir or "./caption_data"), None
     config = orchestrator_config(config_path, {"storage.data_dir": data_dir})
-    return Path(config.storage.data_dir), config.dataset, config
+    return Path(config.storage.data_dir), config
 
 
 def _since(value: str | None) -> datetime | None:
@@ -119,8 +120,8 @@ def export_command(
     push them to a Hugging Face dataset repo."""
     from caption_flow.export import Selection, WriterOptions, export, recorded_dataset
 
-    folder, dataset, config = _data_dir(config_path, data_dir)
-    dataset = dataset or recorded_dataset(folder)
+    folder, config = _data_dir(config_path, data_dir)
+    dataset = (config.dataset if config is not None else None) or recorded_dataset(folder)
     if dataset is not None and dataset_path is not None:
         dataset = dataset.model_copy(update={"path": dataset_path})
     selection = Selection(
@@ -150,16 +151,24 @@ def export_command(
         transient=True,
     ) as bar:
         task = bar.add_task("export", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
         if fmt == "huggingface":
-            _push(folder, repo, output, selection, rows_per_file, private, license_id, config, bar)
+            _push(
+                folder,
+                repo,
+                output,
+                selection,
+                rows_per_file,
+                private,
+                license_id,
+                config,
+                progress,
+            )
             return
-        result = export(
-            folder,
-            fmt,
-            selection,
-            options,
-            lambda done, total: bar.update(task, completed=done, total=total),
-        )
+        result = export(folder, fmt, selection, options, progress)
     where_to = ", ".join(str(p) for p in result.files[:3]) + (
         " ..." if len(result.files) > 3 else ""
     )
@@ -177,14 +186,13 @@ def _push(
     private: bool,
     license_id: str | None,
     config: Any,
-    bar: Progress,
+    progress: Callable[[int, int], None],
 ) -> None:
     from caption_flow.export.hub import push
 
     if not repo:
         raise ConfigError("--format huggingface needs --repo org/name")
     staging = Path(output) if output else Path(f"hf-export-{repo.replace('/', '--')}")
-    task = bar.task_ids[0]
     result = push(
         folder,
         repo,
@@ -194,7 +202,7 @@ def _push(
         config=config,
         license_id=license_id,
         rows_per_file=rows_per_file,
-        progress=lambda done, total: bar.update(task, completed=done, total=total),
+        progress=progress,
     )
     console.print(
         f"pushed {result.rows} item(s) to {escape(repo)}: {len(result.uploaded)} shard(s) "
@@ -231,7 +239,7 @@ def publish_command(
 
     from caption_flow.export.publish import Publisher
 
-    folder, _, _ = _data_dir(config_path, data_dir)
+    folder, _ = _data_dir(config_path, data_dir)
     publisher = Publisher(folder, target, repo=repo, every_s=every)
     if once:
         done = publisher.publish_once()
@@ -256,7 +264,7 @@ def stats_command(config_path: str | None, data_dir: str | None, as_json: bool) 
     """Counts, caption lengths per field and prompt, failures and contributors of a run."""
     from caption_flow.export import collect_stats
 
-    folder, _, _ = _data_dir(config_path, data_dir)
+    folder, _ = _data_dir(config_path, data_dir)
     stats = collect_stats(folder)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
