@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,17 @@ def read_rows(data_dir: Path) -> list[dict[str, Any]]:
     return output_dataset(data_dir / "captions").to_table().to_pylist()
 
 
+@contextlib.asynccontextmanager
+async def running(config: OrchestratorConfig) -> AsyncIterator[Orchestrator]:
+    """A started orchestrator, stopped on the way out whatever happened inside."""
+    orch = Orchestrator(config)
+    await orch.start()
+    try:
+        yield orch
+    finally:
+        await orch.stop()
+
+
 async def caption_all(
     config: OrchestratorConfig, names: Sequence[str] = ("alice",), **worker_kw: Any
 ) -> tuple[list[Worker], dict[str, Any]]:
@@ -104,14 +116,10 @@ async def caption_all(
 
     Returns the workers and the orchestrator's last snapshot.
     """
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         workers = [Worker(worker_config(orch.port, name, **worker_kw)) for name in names]
         await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)), timeout=180 * TIME_UNIT)
         return workers, orch.snapshot()
-    finally:
-        await orch.stop()
 
 
 class StubEngine:

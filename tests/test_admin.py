@@ -26,6 +26,7 @@ from support import (
     orchestrator_config,
     raw_hello,
     read_rows,
+    running,
     worker_config,
 )
 
@@ -55,9 +56,7 @@ async def test_tokens_added_revoked_and_kept_across_a_restart(
 ) -> None:
     image_folder(5)
     config = orchestrator_config(tmp_path / "data", tmp_path / "images", tmp_path / "no-model")
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         added = await run_cli(
             orch.port, "admin", "tokens", "add", "--role", "worker", "--name", "carol"
         )
@@ -105,8 +104,6 @@ async def test_tokens_added_revoked_and_kept_across_a_restart(
         assert shown[("monitor", "dave")] == ("db", False)
         assert carol_token not in listed.output and dave_token not in listed.output
         await alice.close()
-    finally:
-        await orch.stop()
 
     with sqlite3.connect(tmp_path / "data" / "state.db") as db:
         stored = dict(db.execute("SELECT name, token_hash FROM tokens WHERE source='db'"))
@@ -136,9 +133,7 @@ async def test_reload_config_applies_live_keys_and_refuses_invalid_files(
 ) -> None:
     image_folder(5)
     config = orchestrator_config(tmp_path / "data", tmp_path / "images", tmp_path / "no-model")
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         worker = await welcomed(orch.port, "worker", WORKER_TOKENS["alice"])
         bob = await welcomed(orch.port, "worker", WORKER_TOKENS["bob"])
         job_before = orch.job
@@ -190,8 +185,6 @@ async def test_reload_config_applies_live_keys_and_refuses_invalid_files(
         assert await close_code(bob, 10) == 4001
         assert worker.close_code is None
         await worker.close()
-    finally:
-        await orch.stop()
 
 
 async def test_set_prompt_reaches_a_running_worker_and_the_leaderboard_counts_rows(
@@ -199,9 +192,7 @@ async def test_set_prompt_reaches_a_running_worker_and_the_leaderboard_counts_ro
 ) -> None:
     image_folder(40)
     config = orchestrator_config(tmp_path / "data", tmp_path / "images", tiny_model_dir)
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         workers = [Worker(worker_config(orch.port, n)) for n in ("alice", "bob")]
         runs = asyncio.gather(*(w.run() for w in workers))
         await eventually(lambda: orch.book is not None and orch.book.items_done >= 4, 60, "results")
@@ -236,8 +227,6 @@ async def test_set_prompt_reaches_a_running_worker_and_the_leaderboard_counts_ro
         assert snap["items_done"] == 40 and snap["prompts"] == ["one prompt only"]
         admin_status = await run_cli(orch.port, "status")  # an admin token works too
         assert admin_status.exit_code == 0 and "items 40/40 done" in admin_status.output
-    finally:
-        await orch.stop()
 
 
 def test_plan_reload_sorts_live_keys_from_restart_keys(tmp_path: Path) -> None:

@@ -18,14 +18,13 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from support import TIME_UNIT, orchestrator_config, read_rows, worker_config
+from support import TIME_UNIT, orchestrator_config, read_rows, running, worker_config
 
 from caption_flow.cli.certs import describe
 from caption_flow.cli.main import cli
 from caption_flow.config.models import DataWorkerConfig, TLSConfig, WorkerConfig
 from caption_flow.dataworker.client import DataWorker
 from caption_flow.errors import ProtocolError
-from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.security.certs import CertificateError, generate_self_signed, inspect_certificate
 from caption_flow.worker.client import Worker
 
@@ -239,9 +238,7 @@ async def test_full_run_over_wss_with_a_generated_certificate(
     assert made.exit_code == 0, made.output
     config = orchestrator_config(tmp_path / "data", images[0].parent, tiny_model_dir)
     tls = TLSConfig(cert=out / "fullchain.pem", key=out / "privkey.pem")
-    orch = Orchestrator(config.model_copy(update={"ssl": tls}))
-    await orch.start()
-    try:
+    async with running(config.model_copy(update={"ssl": tls})) as orch:
         # Verifying: the self-signed certificate is refused at the handshake, at once.
         strict = wss_worker(orch.port, verify=True)
         with pytest.raises(ProtocolError, match=r"certificate .* is not trusted") as refused:
@@ -257,8 +254,6 @@ async def test_full_run_over_wss_with_a_generated_certificate(
         assert "dataworker.verify_ssl: false" in str(refused.value)
         # Not verifying (--no-verify-ssl): the whole folder over wss://.
         await asyncio.wait_for(wss_worker(orch.port, verify=False).run(), 120 * TIME_UNIT)
-    finally:
-        await orch.stop()
     rows = read_rows(tmp_path / "data")
     assert sorted(r["item_key"] for r in rows) == sorted(p.name for p in images)
     assert all(r["error"] is None and r["contributor_id"] == "alice" for r in rows)

@@ -20,6 +20,7 @@ from support import (
     eventually,
     orchestrator_config,
     read_rows,
+    running,
     stub_loader,
     worker_config,
 )
@@ -130,9 +131,7 @@ async def test_two_dataworkers_feed_a_worker_that_has_no_dataset(
     tmp_path: Path, tiny_model_dir: Path, image_folder
 ) -> None:
     images = image_folder(IMAGES, size=SIZE)
-    orch = Orchestrator(config_for(tmp_path, images[0].parent, tiny_model_dir))
-    await orch.start()
-    try:
+    async with running(config_for(tmp_path, images[0].parent, tiny_model_dir)) as orch:
         feeders = [dataworker(orch.port, n) for n in DATAWORKER_TOKENS]
         feeding = [asyncio.create_task(d.run()) for d in feeders]
         # The dataworkers prepare ahead before any GPU worker is there.
@@ -150,8 +149,6 @@ async def test_two_dataworkers_feed_a_worker_that_has_no_dataset(
         assert worker.remote is not None, "the worker read through the orchestrator"
         await asyncio.wait_for(asyncio.gather(*feeding), 30 * TIME_UNIT)
         prepared = orch.snapshot()["prepared"]
-    finally:
-        await orch.stop()
 
     check_rows(tmp_path / "data", images)
     # Most items came from the dataworkers; whatever they had not prepared when asked for
@@ -168,14 +165,10 @@ async def test_without_dataworkers_the_orchestrator_prepares_items_itself(
     tmp_path: Path, tiny_model_dir: Path, image_folder
 ) -> None:
     images = image_folder(IMAGES, size=SIZE)
-    orch = Orchestrator(config_for(tmp_path, images[0].parent, tiny_model_dir))
-    await orch.start()
-    try:
+    async with running(config_for(tmp_path, images[0].parent, tiny_model_dir)) as orch:
         worker = stub_worker(orch.port, tmp_path / "not-here")
         await asyncio.wait_for(worker.run(), 120 * TIME_UNIT)
         prepared = orch.snapshot()["prepared"]
-    finally:
-        await orch.stop()
     check_rows(tmp_path / "data", images)
     assert prepared["served"] == IMAGES and prepared["relayed"] == 0
 
@@ -187,9 +180,7 @@ async def test_a_dataworker_that_dies_loses_nothing(
     fetches are answered by the orchestrator instead of waiting for it."""
     images = image_folder(IMAGES, size=SIZE)
     config = config_for(tmp_path, images[0].parent, tiny_model_dir)
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         feeder = dataworker(orch.port, "feeder-1")
         feeding = asyncio.create_task(feeder.run())
         await eventually(lambda: orch.prep is not None and bool(orch.prep.holds), 30, "a hold")
@@ -198,8 +189,6 @@ async def test_a_dataworker_that_dies_loses_nothing(
         await eventually(lambda: orch.prep is not None and not orch.prep.holds, 10, "holds end")
         worker = stub_worker(orch.port, tmp_path / "not-here")
         await asyncio.wait_for(worker.run(), 60 * TIME_UNIT)
-    finally:
-        await orch.stop()
     check_rows(tmp_path / "data", images)
 
 

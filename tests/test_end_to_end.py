@@ -15,6 +15,7 @@ from support import (
     eventually,
     orchestrator_config,
     read_rows,
+    running,
     worker_config,
 )
 
@@ -82,15 +83,11 @@ async def test_restart_resumes_and_adding_files_keeps_keys(
     more = image_folder(3, seed=1)  # new files, some sorting before the old ones
     (folder / "sub").mkdir()
     (folder / "sub" / "deep.jpg").write_bytes(images[0].read_bytes())
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         assert orch.snapshot()["items_done"] == 6
         await asyncio.wait_for(
             Worker(worker_config(orch.port, "bob")).run(), timeout=180 * TIME_UNIT
         )
-    finally:
-        await orch.stop()
     rows = read_rows(tmp_path / "data")
     by_key = collections.Counter(r["item_key"] for r in rows)
     assert max(by_key.values()) == 1
@@ -148,9 +145,7 @@ async def test_a_worker_whose_model_cannot_load_hands_its_chunks_back_and_stops(
     config = orchestrator_config(
         tmp_path / "data", images[0].parent, tmp_path / "no-such-model", chunk_size=2
     )
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         worker = Worker(worker_config(orch.port, "alice"))
         with pytest.raises(EngineError):
             await asyncio.wait_for(worker.run(), 60 * TIME_UNIT)
@@ -159,5 +154,3 @@ async def test_a_worker_whose_model_cannot_load_hands_its_chunks_back_and_stops(
                 break
             await asyncio.sleep(0.05)
         assert orch.snapshot()["chunks"] == {"pending": 2, "leased": 0, "done": 0, "failed": 0}
-    finally:
-        await orch.stop()

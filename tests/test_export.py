@@ -25,6 +25,7 @@ from support import (
     eventually,
     orchestrator_config,
     read_rows,
+    running,
     worker_config,
 )
 
@@ -477,14 +478,10 @@ async def test_jsonl_writes_json_captions_as_parsed_values(
 
     images = generate_images(tmp_path / "images", 6)
     config = orchestrator_config(tmp_path / "data", images[0].parent, tiny_model_dir)
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         captioner = Captioner("transformers", loader=lambda kind, spec: _JsonEngine(spec))
         worker = Worker(worker_config(orch.port), captioner)
         await asyncio.wait_for(worker.run(), 60 * TIME_UNIT)
-    finally:
-        await orch.stop()
     stored = {r["item_key"]: r["captions"] for r in read_rows(tmp_path / "data")}
     texts = [t for captions in stored.values() for t in captions]
     assert any(t.startswith("{") for t in texts)

@@ -17,9 +17,8 @@ from support import (
     orchestrator_config,
     raw_caption_chunk,
     raw_hello,
+    running,
 )
-
-from caption_flow.orchestrator.server import Orchestrator
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -46,9 +45,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_metrics_parse_and_count_what_happened(tmp_path: Path, image_folder: Any) -> None:
     image_folder(10)
     config = orchestrator_config(tmp_path / "data", tmp_path / "images", tmp_path / "no-model")
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         ws = await raw_hello(orch.port, "worker", WORKER_TOKENS["alice"])
         await ws.recv()  # welcome
         sent = await raw_caption_chunk(ws, seq=1)
@@ -74,17 +71,13 @@ async def test_metrics_parse_and_count_what_happened(tmp_path: Path, image_folde
         await ws.close()
         # The old hand-written names still answer the plain regexes scripts use.
         assert "captionflow_items_total 10" in text
-    finally:
-        await orch.stop()
 
 
 async def test_health_is_503_while_the_store_fails(tmp_path: Path, image_folder: Any) -> None:
     image_folder(10)
     config = orchestrator_config(tmp_path / "data", tmp_path / "images", tmp_path / "no-model")
     config.storage.compact_rows = 1
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         assert await get(orch.port, "/health") == (200, "ok\n")
         # A file where the parts folder should be: compaction fails, even for root.
         captions = tmp_path / "data" / "captions"
@@ -102,5 +95,3 @@ async def test_health_is_503_while_the_store_fails(tmp_path: Path, image_folder:
         await eventually(lambda: orch.store.compact_failures == 0, 30, "compaction recovering")
         assert await get(orch.port, "/health") == (200, "ok\n")
         await ws.close()
-    finally:
-        await orch.stop()

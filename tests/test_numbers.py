@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PROMPTS, TIME_UNIT, StubEngine, orchestrator_config, read_rows
+from support import PROMPTS, TIME_UNIT, StubEngine, orchestrator_config, read_rows, running
 
 from caption_flow.config.models import WorkerConfig
 from caption_flow.engines.base import CaptionInput, Generation
 from caption_flow.engines.captioner import Captioner
 from caption_flow.errors import SourceError
-from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.runner import run_local
 from caption_flow.storage.rows import NO_TEXT, StoredItem, records_to_table
 
@@ -141,13 +140,9 @@ async def test_summary_metrics_and_parquet_agree_on_failures(
     assert sum(1 for m in logged if m.endswith(NO_TEXT)) == errors[NO_TEXT]
 
     # A restart counts the failures from the output itself: /metrics and the snapshot agree.
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         snapshot = orch.snapshot()
         figures = await asyncio.to_thread(metrics, orch.port)
-    finally:
-        await orch.stop()
     assert (snapshot["items_done"], snapshot["items_failed"]) == (11, failed)
     assert snapshot["items_captioned"] == 11 - failed
     assert figures["captionflow_items_done"] == 11
@@ -163,13 +158,9 @@ async def test_summary_metrics_and_parquet_agree_on_failures(
     assert "nothing left to do" in caplog.text
 
     # Requeued failures leave the output, and the failed count with them.
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         await orch.requeue_failed()
         snapshot = orch.snapshot()
-    finally:
-        await orch.stop()
     assert (snapshot["items_done"], snapshot["items_failed"]) == (11 - failed, 0)
 
 

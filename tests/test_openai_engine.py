@@ -20,14 +20,13 @@ import pytest
 from aiohttp import web
 from PIL import Image
 from pydantic import ValidationError
-from support import TIME_UNIT, orchestrator_config, read_rows, worker_config
+from support import TIME_UNIT, orchestrator_config, read_rows, running, worker_config
 
 from caption_flow.cli.configs import worker_config as load_worker_config
 from caption_flow.config.models import EndpointConfig, SamplingConfig, WorkerConfig
 from caption_flow.engines.base import EngineSpec, GenerationRequest
 from caption_flow.engines.openai_engine import OpenAIEngine, worker_model
 from caption_flow.errors import ConfigError, EngineUnavailableError
-from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.worker.client import Worker
 
 SAMPLING = SamplingConfig(temperature=0.0, max_tokens=16, repetition_penalty=1.0)
@@ -292,9 +291,7 @@ async def test_a_real_run_records_the_endpoint_model_and_never_the_key(
     images = image_folder(7)
     config = orchestrator_config(tmp_path / "data", images[0].parent, tmp_path / "no-model")
     with StandIn(plan=["500", "429"], reply=lambda prompt: "a fixed caption") as server:
-        orch = Orchestrator(config)
-        await orch.start()
-        try:
+        async with running(config) as orch:
             worker = Worker(
                 worker_config(orch.port).model_copy(
                     update={
@@ -307,8 +304,6 @@ async def test_a_real_run_records_the_endpoint_model_and_never_the_key(
             )
             await asyncio.wait_for(worker.run(), timeout=60 * TIME_UNIT)
             snapshot = orch.snapshot()
-        finally:
-            await orch.stop()
     rows = read_rows(tmp_path / "data")
     assert sorted(r["item_key"] for r in rows) == sorted(p.name for p in images)
     for row in rows:
@@ -349,9 +344,7 @@ async def test_rows_record_the_model_of_the_endpoint_that_answered_them(
         StandIn(latency=0.05, reply=lambda prompt: "from a") as a,
         StandIn(latency=0.05, reply=lambda prompt: "from b") as b,
     ):
-        orch = Orchestrator(config)
-        await orch.start()
-        try:
+        async with running(config) as orch:
             worker = Worker(
                 worker_config(orch.port).model_copy(
                     update={
@@ -364,8 +357,6 @@ async def test_rows_record_the_model_of_the_endpoint_that_answered_them(
                 )
             )
             await asyncio.wait_for(worker.run(), timeout=60 * TIME_UNIT)
-        finally:
-            await orch.stop()
     rows = read_rows(tmp_path / "data")
     assert sorted(r["item_key"] for r in rows) == sorted(p.name for p in images)
     for row in rows:

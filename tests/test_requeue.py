@@ -20,6 +20,7 @@ from support import (
     eventually,
     orchestrator_config,
     read_rows,
+    running,
     worker_config,
 )
 from websockets.asyncio.client import connect
@@ -81,9 +82,7 @@ async def test_an_admin_requeues_failed_items_and_chunks_while_the_run_goes_on(
     config = orchestrator_config(
         data, folder, tiny_model_dir, chunk_size=5, max_item_attempts=1, max_chunk_attempts=1
     )
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         url = f"ws://127.0.0.1:{orch.port}"
         # First everything fails once: an honest run stores broken.jpg's error ...
         await asyncio.wait_for(Worker(worker_config(orch.port)).run(), 60 * TIME_UNIT)
@@ -123,8 +122,6 @@ async def test_an_admin_requeues_failed_items_and_chunks_while_the_run_goes_on(
         assert stats["snapshot"]["chunks"]["failed"] == 0
 
         await asyncio.wait_for(Worker(worker_config(orch.port)).run(), 60 * TIME_UNIT)
-    finally:
-        await orch.stop()
     rows = one_row_each(data)
     assert len(rows) == 6
     assert all(r["error"] is None for r in rows.values()), rows["broken.jpg"]

@@ -12,9 +12,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support import TIME_UNIT, eventually, orchestrator_config, read_rows, worker_config
+from support import TIME_UNIT, eventually, orchestrator_config, read_rows, running, worker_config
 
-from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.storage.reader import output_dataset
 from caption_flow.storage.state import ChunkState, StateDB
 from caption_flow.storage.tables import (
@@ -61,15 +60,11 @@ async def run_to_end(config: Any, names: tuple[str, ...], before_stop: Any = Non
     """Caption everything with one worker per token; ``before_stop(data_dir)`` is awaited
     while the orchestrator still runs. Returns the time the run started."""
     started = time.time()
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         workers = [Worker(worker_config(orch.port, n)) for n in names]
         await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)), 120 * TIME_UNIT)
         if before_stop is not None:
             await before_stop(config.storage.data_dir)
-    finally:
-        await orch.stop()
     return started
 
 

@@ -20,13 +20,13 @@ from support import (
     eventually,
     orchestrator_config,
     read_rows,
+    running,
     stub_loader,
     worker_config,
 )
 
 from caption_flow.config.models import DatasetConfig, WorkerConfig
 from caption_flow.engines.captioner import Captioner
-from caption_flow.orchestrator.server import Orchestrator
 from caption_flow.sources import open_source
 from caption_flow.storage.state import StateDB
 from caption_flow.worker.client import Worker
@@ -64,9 +64,7 @@ async def test_out_of_memory_worker_hands_chunks_back_backs_off_and_writes_no_er
 ) -> None:
     images = image_folder(10)
     config = orchestrator_config(tmp_path / "data", images[0].parent, tiny_model_dir)
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         engines: list[StubEngine] = []
         oom = stub_worker(
             lingering(
@@ -104,8 +102,6 @@ async def test_out_of_memory_worker_hands_chunks_back_backs_off_and_writes_no_er
         ack_log = tmp_path / "acks.jsonl"
         honest = Worker(worker_config(orch.port, "bob", ack_log=ack_log))
         await asyncio.wait_for(honest.run(), 120 * TIME_UNIT)
-    finally:
-        await orch.stop()
 
     rows = read_rows(tmp_path / "data")
     keys = collections.Counter(r["item_key"] for r in rows)
@@ -148,9 +144,7 @@ async def test_a_reader_failure_releases_the_chunk_at_once(tmp_path: Path, image
         stall_seconds=600 * TIME_UNIT,
         heartbeat_seconds=0.25 * TIME_UNIT,
     )
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         engines: list[StubEngine] = []
         worker = stub_worker(
             lingering(
@@ -176,8 +170,6 @@ async def test_a_reader_failure_releases_the_chunk_at_once(tmp_path: Path, image
         assert snapshot["chunks"]["pending"] == 1 and snapshot["chunks"]["done"] == 1
         worker.stop()
         await asyncio.wait_for(task, 10 * TIME_UNIT)
-    finally:
-        await orch.stop()
     rows = read_rows(tmp_path / "data")
     assert sorted(r["item_key"] for r in rows) == sorted(p.name for p in images)
 
@@ -191,9 +183,7 @@ async def test_the_worker_vetoes_remote_code_unless_it_allows_it(
     )
     secret = config.dataset.model_copy(update={"storage_options": {"token": "orchestrator's"}})
     config = config.model_copy(update={"dataset": secret})
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         engines: list[StubEngine] = []
         careful = stub_worker(
             worker_config(orch.port, "alice", batch_size=1, dataset_storage_options={"anon": True}),
@@ -210,8 +200,6 @@ async def test_the_worker_vetoes_remote_code_unless_it_allows_it(
         # Credentials stay where they belong: the worker reads with its own.
         assert careful.dataset is not None
         assert careful.dataset.storage_options == {"anon": True}
-    finally:
-        await orch.stop()
     per_row = collections.Counter(len(r["captions"]) for r in read_rows(tmp_path / "data"))
     assert per_row[1] >= 1 and sum(per_row.values()) == 8, per_row
 
@@ -221,12 +209,8 @@ async def test_the_worker_vetoes_remote_code_unless_it_allows_it(
     config = config.model_copy(
         update={"vllm": config.vllm.model_copy(update={"trust_remote_code": True})}
     )
-    orch = Orchestrator(config)
-    await orch.start()
-    try:
+    async with running(config) as orch:
         engines = []
         trusting = stub_worker(worker_config(orch.port, "bob", allow_remote_code=True), engines)
         await asyncio.wait_for(trusting.run(), 60 * TIME_UNIT)
         assert engines and {e.spec.trust_remote_code for e in engines} == {True}
-    finally:
-        await orch.stop()
